@@ -1,0 +1,48 @@
+# Everything works from a fresh clone: `make demo`, `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: demo test test-slow lint format browser clean
+
+# torch first, pinned to the local CPU wheel: any unpinned resolution would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Debian's chromium for the report tests (Playwright drives it; no browser download).
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+		if [ "$$(id -u)" = "0" ]; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+		else \
+			echo "chromium missing: run 'sudo apt-get install -y chromium' (browser tests will be skipped)"; \
+		fi; \
+	fi
+
+demo: $(STAMP)
+	$(VENV)/bin/bif demo --out bif-demo
+
+test: $(STAMP) browser
+	$(PY) -m ruff check src tests
+	$(PY) -m ruff format --check src tests
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP) browser
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests
+	$(PY) -m ruff format --check src tests
+
+format: $(STAMP)
+	$(PY) -m ruff format src tests
+	$(PY) -m ruff check --fix src tests
+
+clean:
+	rm -rf $(VENV) bif-demo .pytest_cache build *.egg-info src/*.egg-info

@@ -1,0 +1,43 @@
+"""bif: training data attribution with local Bayesian influence functions.
+
+import bif
+result = bif.attribute(model, train=(X, y), query=(Xq, yq), task="classification")
+result.scores   # [Q, N]  BIF = -Cov(train loss, query loss); negative = proponent
+result.stderr   # [Q, N]
+result.top(0, k=5)
+"""
+
+__version__ = "0.1.0"
+
+from bif.api import attribute
+from bif.config import BIFConfig
+from bif.errors import (
+    ArtifactError,
+    BIFError,
+    ConfigError,
+    DataError,
+    DivergenceError,
+    ShapeError,
+)
+from bif.result import BIFResult, Influence, TopInfluences
+from bif.task import ClassificationTask, OutputLossTask, RegressionTask, Task, margin
+
+__all__ = [
+    "ArtifactError",
+    "BIFConfig",
+    "BIFError",
+    "BIFResult",
+    "ClassificationTask",
+    "ConfigError",
+    "DataError",
+    "DivergenceError",
+    "Influence",
+    "OutputLossTask",
+    "RegressionTask",
+    "ShapeError",
+    "Task",
+    "TopInfluences",
+    "__version__",
+    "attribute",
+    "margin",
+]

@@ -1,0 +1,190 @@
+"""``bif.attribute``: the one-call entry point."""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bif import __version__
+from bif.checkpoint import fingerprint
+from bif.config import BIFConfig
+from bif.data import DataSource
+from bif.errors import ConfigError, DataError
+from bif.estimator import estimate
+from bif.functional import FunctionalModel
+from bif.observables import check_per_sample
+from bif.result import BIFResult
+from bif.sampler.run import run_chains
+from bif.task import OutputLossFn, Task, make_task, task_observable
+
+log = logging.getLogger(__name__)
+
+
+def attribute(
+    model: nn.Module,
+    train: Any,
+    query: Any,
+    task: str | Task | OutputLossFn = "classification",
+    *,
+    observable: str | OutputLossFn | None = None,
+    config: BIFConfig | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    run_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
+    **hyperparams: Any,
+) -> BIFResult:
+    """Bayesian influence of every training example on every query.
+
+    Samples the local posterior ``p(w) ∝ exp(-nβ·L_n(w) - γ/2·||w - w*||²)`` around the model's
+    current weights ``w*`` with SGLD and returns ``BIF = -Cov_p(l_n(w), φ_q(w))``.
+
+    Args:
+        model: any ``nn.Module`` at its trained checkpoint. Parameters with
+            ``requires_grad=False`` are held fixed. It is run in eval mode and never modified.
+        train: training examples to attribute (their mean loss also defines the posterior):
+            ``(inputs, targets)`` tensors, a map-style ``Dataset`` or a ``DataLoader``.
+        query: the examples whose observable is explained, same forms as ``train``.
+        task: "classification" (cross-entropy), "regression" (½ squared error), a per-sample
+            loss ``fn(outputs, targets) -> [B]``, or a :class:`bif.Task`.
+        observable: what to explain on the queries: None/"loss", "margin", or
+            ``fn(outputs, targets) -> [B]`` (e.g. one logit).
+        config: a :class:`BIFConfig`; keyword ``hyperparams`` override its fields
+            (``num_chains``, ``num_draws``, ``num_burnin``, ``thin``, ``step_size``, ``nbeta``,
+            ``gamma``, ``batch_size``, ``seed``, ``sampler``, ...).
+        device: where to sample (default: the model's device).
+        dtype: cast floating weights and inputs (default: keep the model's dtype).
+        progress: show a progress bar.
+        run_dir: if given, checkpoint the run there and resume from it after a crash.
+        checkpoint_every: draws between checkpoints when ``run_dir`` is set.
+
+    Returns:
+        :class:`BIFResult` with ``scores`` and ``stderr`` of shape ``[Q, N]``.
+
+    Raises:
+        ConfigError, DataError, ShapeError: invalid input, with a message saying what to change.
+        DivergenceError: a chain produced NaN/inf (lower ``step_size``).
+        ArtifactError: ``run_dir`` holds a run of another config or model.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    cfg = (config or BIFConfig()).replace(**hyperparams) if hyperparams else config or BIFConfig()
+    if (
+        isinstance(checkpoint_every, bool)
+        or not isinstance(checkpoint_every, int)
+        or (checkpoint_every < 1)
+    ):
+        raise ConfigError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}.")
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    the_task = make_task(task, observable)
+    if cfg.num_chains < 2:
+        warnings.warn(
+            "num_chains=1 gives no standard errors (they come from the spread across chains).",
+            stacklevel=2,
+        )
+
+    was_training = model.training
+    if was_training:
+        warnings.warn(
+            "bif put the model in eval mode for sampling (dropout off, BatchNorm statistics "
+            "frozen) and will restore training mode afterwards. Call model.eval() first to "
+            "silence this.",
+            stacklevel=2,
+        )
+        model.eval()
+    try:
+        fmodel = FunctionalModel(model, device, dtype)
+        dt = dtype if dtype is not None else next(iter(fmodel.w_star.values())).dtype
+        train_src = DataSource(train, "train", device, dt)
+        query_src = DataSource(query, "query", device, dt)
+        train_star, query_star = _preflight(fmodel, the_task, train_src, query_src, cfg)
+        task_name = getattr(the_task, "name", type(the_task).__name__)
+        fp = fingerprint(fmodel.w_star, len(train_src), len(query_src), task_name)
+        t0 = time.perf_counter()
+        out = run_chains(
+            fmodel, the_task, train_src, query_src, cfg, progress=progress,
+            run_dir=Path(run_dir) if run_dir is not None else None,
+            checkpoint_every=checkpoint_every, fingerprint=fp,
+        )  # fmt: skip
+        wall = time.perf_counter() - t0
+    finally:
+        if was_training:
+            model.train()
+    est = estimate(out.moments, cfg.centering)
+    meta = {
+        "bif_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": str(device),
+        "num_params_sampled": fmodel.num_params,
+        "num_train": len(train_src),
+        "num_query": len(query_src),
+        "task": task_name,
+        "damping": cfg.damping,
+        "sampling_seconds": wall,
+        "resumed": out.resumed,
+        "fingerprint": fp,
+        "model_was_training": was_training,
+    }
+    return BIFResult(
+        scores=est.scores.cpu(),
+        stderr=est.stderr.cpu(),
+        correlation=est.correlation.cpu(),
+        self_influence=est.self_influence.cpu(),
+        self_influence_stderr=est.self_influence_stderr.cpu(),
+        draw_loss=out.draw_loss,
+        step_loss=out.step_loss,
+        query_trace=out.query_trace,
+        train_loss_star=train_star,
+        query_star=query_star,
+        config=cfg,
+        meta=meta,
+    )
+
+
+@torch.no_grad()
+def _preflight(
+    fmodel: FunctionalModel, task: Task, train: DataSource, query: DataSource, cfg: BIFConfig
+) -> tuple[Tensor, Tensor]:
+    """Check the task on real batches at w* (outside vmap) and return the losses there.
+
+    Returns:
+        train losses [N] and query observables [Q] at the checkpoint, float64 on the CPU.
+    """
+    model = fmodel.model_fn(fmodel.w_star)
+    check = getattr(task, "check", None)
+    out = []
+    for src, fn, what in (
+        (train, task.loss, "task's loss"),
+        (query, lambda m, b: task_observable(task, m, b), "query observable"),
+    ):
+        values = []
+        for start, batch in src.chunks(cfg.chunk_size):
+            if start == 0 and check is not None:
+                check(model, batch)
+            n = min(cfg.chunk_size, len(src) - start)
+            v = check_per_sample(fn(model, batch), n, what)
+            values.append(v.to("cpu", torch.float64))
+        vals = torch.cat(values)
+        if not bool(torch.isfinite(vals).all()):
+            bad = int((~torch.isfinite(vals)).nonzero()[0, 0])
+            raise DataError(
+                f"the {what} is not finite at the checkpoint for {src.name} example {bad} "
+                f"(value {float(vals[bad])}); check that example's inputs and targets."
+            )
+        out.append(vals)
+    if not math.isfinite(float(out[0].mean())):
+        raise DataError("the mean training loss at the checkpoint is not finite.")
+    return out[0], out[1]

@@ -1,0 +1,135 @@
+"""The one configuration object of a BIF run, with validation and help text.
+
+Every field is also a keyword argument of :func:`bif.attribute` and a ``--flag`` of the CLI
+(generated from the ``help`` metadata below), so the three can never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from bif.errors import ConfigError
+
+SamplerName = Literal["sgld", "rmsprop"]
+Centering = Literal["chain", "pooled"]
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class BIFConfig:
+    """Hyperparameters of the local posterior, the sampler and the evaluation.
+
+    The local posterior is ``p(w) ∝ exp(-nbeta · L_n(w) - gamma/2 · ||w - w*||²)`` with ``L_n`` the
+    MEAN training loss; its damping in classical-influence terms is ``gamma / nbeta``.
+    Defaults are explained in the README ("Choosing hyperparameters").
+    """
+
+    num_chains: int = _f(
+        8, "independent SGLD chains, all started at w*; >= 2 gives standard errors"
+    )
+    num_draws: int = _f(100, "draws recorded per chain after burn-in")
+    num_burnin: int = _f(300, "sampler steps discarded before the first draw")
+    thin: int = _f(5, "sampler steps between two recorded draws")
+    step_size: float = _f(1e-4, "SGLD step size ε (lower it if a chain diverges)")
+    nbeta: float = _f(1000.0, "inverse temperature nβ multiplying the mean training loss")
+    gamma: float = _f(1000.0, "localisation strength γ pulling samples towards w*")
+    batch_size: int | None = _f(
+        None, "minibatch size for SGLD gradients; None = full batch (exact gradients)"
+    )
+    sampler: SamplerName = _f("sgld", "'sgld' or 'rmsprop' (RMSProp-preconditioned SGLD)")
+    rmsprop_alpha: float = _f(0.99, "RMSProp decay α of the squared-gradient average")
+    rmsprop_eps: float = _f(0.1, "RMSProp ε in the preconditioner 1/(sqrt(V)+ε)")
+    chunk_size: int = _f(512, "examples per forward pass when evaluating losses at a draw")
+    vmap_chains: bool = _f(True, "run all chains at once with torch.func.vmap (False: one by one)")
+    centering: Centering = _f(
+        "chain", "'chain': average per-chain covariances; 'pooled': one covariance of all draws"
+    )
+    seed: int = _f(0, "seed of every chain's noise and minibatches (chain c uses seed, c)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field and how to fix it."""
+        ints = {
+            "num_chains": 1,
+            "num_draws": 2,
+            "num_burnin": 0,
+            "thin": 1,
+            "chunk_size": 1,
+        }
+        for name, low in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"{name} must be an integer, got {v!r}.")
+            if v < low:
+                raise ConfigError(f"{name} must be >= {low}, got {v}.")
+        if self.batch_size is not None and (
+            isinstance(self.batch_size, bool)
+            or not isinstance(self.batch_size, int)
+            or self.batch_size < 1
+        ):
+            raise ConfigError(
+                f"batch_size must be a positive integer or None (full batch), got {self.batch_size!r}."
+            )
+        hints = {
+            "step_size": "try 1e-4 and lower it further if chains diverge",
+            "nbeta": "a typical value is of the order of the training-set size",
+            "gamma": "larger gamma keeps samples closer to the checkpoint",
+            "rmsprop_eps": "the authors' default is 0.1",
+        }
+        for name, hint in hints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ConfigError(f"{name} must be a number, got {v!r}.")
+            if not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{name} must be finite and > 0, got {v!r}; {hint}.")
+        if not (0.0 < self.rmsprop_alpha < 1.0):
+            raise ConfigError(f"rmsprop_alpha must lie in (0, 1), got {self.rmsprop_alpha!r}.")
+        if self.sampler not in ("sgld", "rmsprop"):
+            raise ConfigError(f"sampler must be 'sgld' or 'rmsprop', got {self.sampler!r}.")
+        if self.centering not in ("chain", "pooled"):
+            raise ConfigError(f"centering must be 'chain' or 'pooled', got {self.centering!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
+
+    @property
+    def damping(self) -> float:
+        """Equivalent damping λ = γ / nβ of the classical influence function."""
+        return self.gamma / self.nbeta
+
+    @property
+    def steps_per_chain(self) -> int:
+        return self.num_burnin + self.num_draws * self.thin
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BIFConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; known: {sorted(names)}.")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> BIFConfig:
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(
+                f"unknown hyperparameter(s) {unknown}; known: "
+                f"{sorted(f.name for f in dataclasses.fields(self))}."
+            )
+        return dataclasses.replace(self, **changes)
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Human-readable lines ``name: a -> b`` for the keys whose values differ."""
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]

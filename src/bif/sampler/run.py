@@ -1,0 +1,284 @@
+"""The sampling loop: the one imperative shell around the pure steps.
+
+Chains are processed in groups: one group of all ``C`` chains vmapped together, or ``C`` groups
+of one chain run one after another (memory of a single replica). Chain ``c`` draws its noise
+and its minibatches from its own generators seeded by ``(seed, c)``, so both schedules, and any
+number of chains, give chain ``c`` the same trajectory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from bif import checkpoint
+from bif.config import BIFConfig
+from bif.data import DataSource, stack_chain_batches
+from bif.errors import DivergenceError
+from bif.estimator import Moments, init_moments, update_moments
+from bif.functional import FunctionalModel, Params, mean_loss_and_grad, per_chain
+from bif.observables import Evaluator, query_observables, train_losses
+from bif.posterior import LocalPosterior
+from bif.sampler import rmsprop, sgld
+from bif.task import Task
+
+log = logging.getLogger(__name__)
+
+
+def chain_seed(seed: int, chain: int) -> int:
+    """Independent 63-bit seed of chain ``chain`` (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([seed, chain]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@dataclass
+class RunOutput:
+    moments: Moments
+    draw_loss: Tensor  # [C, D] mean attributed-train loss at each draw
+    step_loss: Tensor  # [C, T] minibatch (or full-batch) mean loss at each sampler step
+    query_trace: Tensor  # [C, D, Q] query observables at each draw
+    resumed: bool
+
+
+class _ChainRandom:
+    """Per-chain generators: noise on the sampling device, minibatch indices on the CPU."""
+
+    def __init__(self, seed: int, chains: list[int], device: torch.device) -> None:
+        self.noise = [torch.Generator(device).manual_seed(chain_seed(seed, c)) for c in chains]
+        self.index = [torch.Generator().manual_seed(chain_seed(seed, c) ^ 0x5EED) for c in chains]
+
+    def normal_like(self, params: Params) -> Params:
+        """ξ ~ N(0, I) for chain-stacked ``params`` [G, ...], row g from chain g's generator."""
+        return {
+            k: torch.stack(
+                [
+                    torch.randn(v.shape[1:], generator=g, device=v.device, dtype=v.dtype)
+                    for g in self.noise
+                ]
+            )
+            for k, v in params.items()
+        }
+
+    def indices(self, n: int, batch_size: int) -> Tensor:
+        """Minibatch indices (with replacement) for each chain, concatenated: [G·B]."""
+        return torch.cat([torch.randint(n, (batch_size,), generator=g) for g in self.index])
+
+    def states(self) -> dict[str, Tensor]:
+        out = {}
+        for i, (gn, gi) in enumerate(zip(self.noise, self.index, strict=True)):
+            out[f"rng.noise.{i}"] = gn.get_state()
+            out[f"rng.index.{i}"] = gi.get_state()
+        return out
+
+    def restore(self, tensors: dict[str, Tensor]) -> None:
+        for i, (gn, gi) in enumerate(zip(self.noise, self.index, strict=True)):
+            gn.set_state(tensors[f"rng.noise.{i}"])
+            gi.set_state(tensors[f"rng.index.{i}"])
+
+
+def _divergence(chains: list[int], bad: Tensor, step: int, what: str, cfg: BIFConfig) -> None:
+    c = chains[int(bad.nonzero()[0, 0])]
+    raise DivergenceError(
+        f"chain {c} diverged at sampler step {step}: the {what} became NaN/inf. Nothing from that "
+        f"draw entered the estimates. Lower step_size (now {cfg.step_size:g}; try "
+        f"{cfg.step_size / 10:g}), or raise gamma (now {cfg.gamma:g}) or lower nbeta "
+        f"(now {cfg.nbeta:g}) to make the posterior better conditioned.",
+        chain=c,
+        step=step,
+    )
+
+
+def run_chains(
+    fmodel: FunctionalModel,
+    task: Task,
+    train: DataSource,
+    query: DataSource,
+    cfg: BIFConfig,
+    progress: bool = True,
+    run_dir: Path | None = None,
+    checkpoint_every: int = 50,
+    fingerprint: str = "",
+) -> RunOutput:
+    """Sample ``cfg.num_chains`` chains and stream their draws into per-chain moments.
+
+    With ``run_dir``, the state is saved every ``checkpoint_every`` draws and at the end of each
+    chain group; a later call with the same config and model resumes from it.
+    """
+    device = fmodel.device
+    C, D, T = cfg.num_chains, cfg.num_draws, cfg.steps_per_chain
+    N, Q = len(train), len(query)
+    vm = cfg.vmap_chains
+    groups = [list(range(C))] if vm else [[c] for c in range(C)]
+    posterior = LocalPosterior(cfg.nbeta, cfg.gamma, fmodel.w_star)
+    eval_train = Evaluator(fmodel, task, train, train_losses, cfg.chunk_size, vm)
+    eval_query = Evaluator(fmodel, task, query, query_observables, cfg.chunk_size, vm)
+    full_batch = cfg.batch_size is None or cfg.batch_size >= N
+    grad_fn = per_chain(
+        mean_loss_and_grad(fmodel, task.loss), vm, batch_in_dim=None if full_batch else 0
+    )
+
+    moments = init_moments(C, N, Q, device)
+    draw_loss = torch.full((C, D), math.nan, dtype=torch.float64)
+    step_loss = torch.full((C, T), math.nan, dtype=torch.float64)
+    query_trace = torch.full((C, D, Q), math.nan, dtype=torch.float64)
+    done_groups: list[int] = []
+    resume_group: dict[str, Any] | None = None
+    saved: dict[str, Tensor] = {}
+    config_dict = cfg.to_dict()
+    if run_dir is not None:
+        loaded = checkpoint.load(run_dir, config_dict, fingerprint)
+        if loaded is not None:
+            saved, meta = loaded
+            moments = Moments(*(saved[f"moments.{f}"].to(device) for f in Moments._fields))
+            draw_loss, step_loss = saved["draw_loss"], saved["step_loss"]
+            query_trace = saved["query_trace"]
+            done_groups = meta["done_groups"]
+            resume_group = meta.get("active")
+            log.info("resuming from %s: %d chain group(s) done", run_dir, len(done_groups))
+    resumed = bool(saved)
+
+    def save(active: dict[str, Any] | None, extra: dict[str, Tensor]) -> None:
+        if run_dir is None:
+            return
+        tensors = {f"moments.{f}": t for f, t in zip(Moments._fields, moments, strict=True)}
+        tensors.update(draw_loss=draw_loss, step_loss=step_loss, query_trace=query_trace)
+        tensors.update(extra)
+        meta = {
+            "config": config_dict,
+            "fingerprint": fingerprint,
+            "done_groups": done_groups,
+            "active": active,
+        }
+        checkpoint.save(run_dir, tensors, meta)
+
+    bar = tqdm(
+        total=len(groups) * T,
+        disable=not progress,
+        desc="BIF sampling",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    bar.update(len(done_groups) * T)
+    for gi, chains in enumerate(groups):
+        if gi in done_groups:
+            continue
+        idx = torch.tensor(chains, device=device)
+        rng = _ChainRandom(cfg.seed, chains, device)
+        stacked = {
+            k: v.unsqueeze(0).expand(len(chains), *v.shape).clone()
+            for k, v in fmodel.w_star.items()
+        }
+        state: Any = (sgld.init if cfg.sampler == "sgld" else rmsprop.init)(stacked)
+        t0 = 0
+        if resume_group is not None and resume_group["group"] == gi:
+            t0 = resume_group["step"]
+            state = _unflatten_state(state, saved, device)
+            rng.restore(saved)
+            bar.update(t0)
+
+        def snapshot(step: int, state: Any = None, rng: _ChainRandom = rng, gi: int = gi) -> None:
+            extra = _flatten_state(state)
+            extra.update(rng.states())
+            save({"group": gi, "step": step}, extra)
+
+        last_save = time.monotonic()
+        for t in range(t0, T):
+            if full_batch:
+                grads, loss = _full_batch_grad(grad_fn, state.params, eval_train.chunks(), N)
+            else:
+                batch = train.batch(rng.indices(N, cfg.batch_size))
+                grads, loss = grad_fn(state.params, stack_chain_batches(batch, len(chains)))
+            if not bool(torch.isfinite(loss).all()):
+                _divergence(chains, ~torch.isfinite(loss), t, "training loss", cfg)
+            noise = rng.normal_like(state.params)
+            pgrad = posterior.potential_grad(state.params, grads)
+            if cfg.sampler == "sgld":
+                state, _ = sgld.step(state, pgrad, noise, cfg.step_size)
+            else:
+                state, _ = rmsprop.step(
+                    state, pgrad, grads, noise, cfg.step_size, cfg.rmsprop_alpha, cfg.rmsprop_eps
+                )
+            step_loss[chains, t] = loss.detach().to("cpu", torch.float64)
+            bar.update(1)
+            k = t + 1 - cfg.num_burnin
+            if k <= 0 or k % cfg.thin:
+                continue
+            d = k // cfg.thin - 1
+            a, b = eval_train(state.params), eval_query(state.params)
+            finite = torch.isfinite(a).all(1) & torch.isfinite(b).all(1)
+            if not bool(finite.all()):
+                _divergence(chains, ~finite, t, "evaluated losses", cfg)
+            update_moments(moments, idx, a, b, inplace=True)
+            draw_loss[chains, d] = a.mean(1).to("cpu", torch.float64)
+            query_trace[chains, d] = b.to("cpu", torch.float64)
+            if d % 10 == 0:
+                bar.set_postfix(loss=f"{float(a.mean()):.4g}")
+            if run_dir is not None and (
+                (d + 1) % checkpoint_every == 0 or time.monotonic() - last_save > 60
+            ):
+                snapshot(t + 1, state)
+                last_save = time.monotonic()
+        done_groups.append(gi)
+        save(None, {})
+    bar.close()
+    return RunOutput(moments, draw_loss, step_loss, query_trace, resumed)
+
+
+def _flatten_state(state: Any) -> dict[str, Tensor]:
+    """Sampler state NamedTuple -> flat ``sampler.<field>[.<param>]`` tensors for safetensors."""
+    out: dict[str, Tensor] = {}
+    for f in type(state)._fields:
+        v = getattr(state, f)
+        if isinstance(v, dict):
+            out.update({f"sampler.{f}.{k}": t for k, t in v.items()})
+        else:
+            out[f"sampler.{f}"] = v
+    return out
+
+
+def _unflatten_state(template: Any, saved: dict[str, Tensor], device: torch.device) -> Any:
+    """Inverse of :func:`_flatten_state`, shaped like ``template``."""
+    values = []
+    for f in type(template)._fields:
+        v = getattr(template, f)
+        if isinstance(v, dict):
+            values.append({k: saved[f"sampler.{f}.{k}"].to(device) for k in v})
+        else:
+            values.append(saved[f"sampler.{f}"].to(device))
+    return type(template)(*values)
+
+
+def _full_batch_grad(
+    grad_fn: Any, params: Params, chunks: list[Any], n: int
+) -> tuple[Params, Tensor]:
+    """Exact ∇L_n as a size-weighted sum of chunk gradients (bounded activation memory)."""
+    total_g: Params | None = None
+    total_l: Tensor | None = None
+    for chunk in chunks:
+        g, loss = grad_fn(params, chunk)
+        w = _batch_len(chunk) / n
+        total_g = (
+            {k: w * v for k, v in g.items()}
+            if total_g is None
+            else {k: total_g[k] + w * v for k, v in g.items()}
+        )
+        total_l = w * loss if total_l is None else total_l + w * loss
+    assert total_g is not None and total_l is not None
+    return total_g, total_l
+
+
+def _batch_len(batch: Any) -> int:
+    from torch.utils._pytree import tree_leaves
+
+    for leaf in tree_leaves(batch):
+        if isinstance(leaf, Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    raise ValueError("cannot infer the batch size of a batch without tensors")
