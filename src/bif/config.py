@@ -76,7 +76,8 @@ class BIFConfig:
             or self.batch_size < 1
         ):
             raise ConfigError(
-                f"batch_size must be a positive integer or None (full batch), got {self.batch_size!r}."
+                "batch_size must be a positive integer or None (full batch), "
+                f"got {self.batch_size!r}."
             )
         hints = {
             "step_size": "try 1e-4 and lower it further if chains diverge",

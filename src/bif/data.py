@@ -67,7 +67,8 @@ class DataSource:
             if len(lengths) != 1 or -1 in lengths:
                 shapes = [tuple(t.shape) for t in data]
                 raise DataError(
-                    f"{name} tensors must share their first (example) dimension; got shapes {shapes}."
+                    f"{name} tensors must share their first (example) dimension; "
+                    f"got shapes {shapes}."
                 )
             self._tensors = tuple(_to(t, self.device, dtype) for t in data)
         elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):

@@ -50,7 +50,8 @@ class FunctionalModel:
         self.fixed.update({k: prep(b) for k, b in module.named_buffers()})
         if not self.w_star:
             raise ConfigError(
-                "the model has no parameter with requires_grad=True, so there is nothing to sample. "
+                "the model has no parameter with requires_grad=True, so there is nothing to "
+                "sample. "
                 "Enable gradients on the parameters (or layers) whose posterior defines the BIF."
             )
 

@@ -34,7 +34,7 @@ class LocalPosterior:
     def potential(self, params: Params, mean_loss: Tensor) -> Tensor:
         """``U(w)`` given the mean loss at ``params`` (for diagnostics; [C] with a chain dim)."""
         sq = sum(
-            (params[k] - self.w_star[k]).pow(2).reshape(mean_loss.shape + (-1,)).sum(-1)
+            (params[k] - self.w_star[k]).pow(2).reshape((*mean_loss.shape, -1)).sum(-1)
             for k in params
         )
         return self.nbeta * mean_loss + 0.5 * self.gamma * sq

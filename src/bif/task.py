@@ -25,7 +25,7 @@ OutputLossFn = Callable[[Any, Any], Tensor]
 
 
 def forward(model: ModelFn, inputs: Any) -> Any:
-    """Call ``model`` on ``inputs``: a mapping is passed as keywords, anything else as one argument."""
+    """Call ``model`` on ``inputs``: a mapping as keywords, anything else as one argument."""
     if isinstance(inputs, Mapping):
         return model(**inputs)
     return model(inputs)
@@ -97,14 +97,14 @@ def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def margin(logits: Tensor, targets: Tensor) -> Tensor:
-    """Classification margin ``logit_y - logsumexp(other logits)``  [B] (higher = more confident)."""
+    """Margin ``logit_y - logsumexp(other logits)`` [B] (higher = more confident)."""
     correct = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     others = logits.scatter(-1, targets.unsqueeze(-1), float("-inf"))
     return correct - torch.logsumexp(others, dim=-1)
 
 
 class ClassificationTask(OutputLossTask):
-    """Cross-entropy ``l_i = -log softmax(f(x_i))[y_i]`` with logits ``[B, K]`` and labels ``[B]``."""
+    """Cross-entropy ``l_i = -log softmax(f(x_i))[y_i]``; logits ``[B, K]``, labels ``[B]``."""
 
     name = "classification"
 
