@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from bif import __version__
 from bif.checkpoint import fingerprint
 from bif.config import BIFConfig
+from bif.curvature import auto_step_size, top_hessian_eigenvalue
 from bif.data import DataSource
 from bif.errors import ConfigError, DataError
 from bif.estimator import estimate
@@ -95,7 +96,10 @@ def attribute(
             stacklevel=2,
         )
 
-    was_training = model.training
+    # Any submodule in training mode counts (a Dropout left in training mode inside an eval-mode
+    # parent would otherwise draw random masks inside vmap); each module's own mode is restored.
+    modes = {m: m.training for m in model.modules()}
+    was_training = any(modes.values())
     if was_training:
         warnings.warn(
             "bif put the model in eval mode for sampling (dropout off, BatchNorm statistics "
@@ -113,6 +117,12 @@ def attribute(
         task_name = getattr(the_task, "name", type(the_task).__name__)
         fp = fingerprint(fmodel.w_star, len(train_src), len(query_src), task_name)
         t0 = time.perf_counter()
+        lambda_max = None
+        if cfg.step_size == "auto":
+            lambda_max = _lambda_max(fmodel, the_task, train_src, cfg)
+            cfg = cfg.replace(step_size=auto_step_size(lambda_max, cfg.nbeta, cfg.gamma))
+            log.info("step_size='auto': λ_max(H) = %.4g -> step_size = %.4g", lambda_max,
+                     cfg.step_size)  # fmt: skip
         out = run_chains(
             fmodel, the_task, train_src, query_src, cfg, progress=progress,
             run_dir=Path(run_dir) if run_dir is not None else None,
@@ -120,8 +130,8 @@ def attribute(
         )  # fmt: skip
         wall = time.perf_counter() - t0
     finally:
-        if was_training:
-            model.train()
+        for m, mode in modes.items():
+            m.training = mode
     est = estimate(out.moments, cfg.centering)
     meta = {
         "bif_version": __version__,
@@ -133,6 +143,8 @@ def attribute(
         "num_query": len(query_src),
         "task": task_name,
         "damping": cfg.damping,
+        "step_size_rule": "auto" if lambda_max is not None else "given",
+        "lambda_max": lambda_max,
         "sampling_seconds": wall,
         "resumed": out.resumed,
         "fingerprint": fp,
@@ -154,6 +166,33 @@ def attribute(
     )
 
 
+# Power iteration on at most this many training examples: λ_max of the mean loss is a smooth
+# average, and a fixed subsample keeps the cost independent of the data set size.
+LAMBDA_MAX_EXAMPLES = 4096
+
+
+def _lambda_max(fmodel: FunctionalModel, task: Task, train: DataSource, cfg: BIFConfig) -> float:
+    """Top Hessian eigenvalue of the mean training loss at w* (power iteration, seeded)."""
+    n = len(train)
+    if n > LAMBDA_MAX_EXAMPLES:
+        g = torch.Generator().manual_seed(cfg.seed)
+        index = torch.randperm(n, generator=g)[:LAMBDA_MAX_EXAMPLES].sort().values
+    else:
+        index = torch.arange(n)
+    chunks, sizes = [], []
+    for start in range(0, len(index), cfg.chunk_size):
+        part = index[start : start + cfg.chunk_size]
+        chunks.append(train.batch(part))
+        sizes.append(len(part))
+    lam = top_hessian_eigenvalue(fmodel, task, chunks, sizes, seed=cfg.seed)
+    if not math.isfinite(lam):
+        raise DataError(
+            "the Hessian of the training loss at the checkpoint is not finite; check the model "
+            "and data, or pass a numeric step_size."
+        )
+    return lam
+
+
 @torch.no_grad()
 def _preflight(
     fmodel: FunctionalModel, task: Task, train: DataSource, query: DataSource, cfg: BIFConfig
@@ -172,7 +211,9 @@ def _preflight(
     ):
         values = []
         for start, batch in src.chunks(cfg.chunk_size):
-            if start == 0 and check is not None:
+            # Every chunk, not only the first: a bad label anywhere would otherwise surface as
+            # an opaque IndexError deep inside the sampler.
+            if check is not None:
                 check(model, batch)
             n = min(cfg.chunk_size, len(src) - start)
             v = check_per_sample(fn(model, batch), n, what)

@@ -32,7 +32,8 @@ def fingerprint(w_star: dict[str, Tensor], num_train: int, num_query: int, task:
     for k in sorted(w_star):
         t = w_star[k].detach().to("cpu", torch.float64).contiguous()
         h.update(k.encode())
-        h.update(str(tuple(t.shape)).encode())
+        # The sampling dtype too: the same weights run in float32 and float64 are different runs.
+        h.update(f"{tuple(t.shape)}:{w_star[k].dtype}".encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -69,7 +70,7 @@ def load(
         )
     if meta.get("fingerprint") != fp:
         raise ArtifactError(
-            f"{run_dir} holds a run of a different model checkpoint or data set "
+            f"{run_dir} holds a run of a different model checkpoint, dtype or data set "
             f"(fingerprint {meta.get('fingerprint')} != {fp}). Pass a new run_dir."
         )
     return load_file(str(state_path)), meta

@@ -36,7 +36,11 @@ class BIFConfig:
     num_draws: int = _f(100, "draws recorded per chain after burn-in")
     num_burnin: int = _f(300, "sampler steps discarded before the first draw")
     thin: int = _f(5, "sampler steps between two recorded draws")
-    step_size: float = _f(1e-4, "SGLD step size ε (lower it if a chain diverges)")
+    step_size: float | Literal["auto"] = _f(
+        "auto",
+        "SGLD step size ε, or 'auto' = 0.5/(nβ·λ_max + γ) from a power-iteration estimate of "
+        "the top Hessian eigenvalue λ_max at w* (lower it if a chain diverges)",
+    )
     nbeta: float = _f(1000.0, "inverse temperature nβ multiplying the mean training loss")
     gamma: float = _f(1000.0, "localisation strength γ pulling samples towards w*")
     batch_size: int | None = _f(
@@ -79,14 +83,18 @@ class BIFConfig:
                 "batch_size must be a positive integer or None (full batch), "
                 f"got {self.batch_size!r}."
             )
+        if self.step_size != "auto" and isinstance(self.step_size, str):
+            raise ConfigError(f"step_size must be a number or 'auto', got {self.step_size!r}.")
         hints = {
-            "step_size": "try 1e-4 and lower it further if chains diverge",
+            "step_size": "use 'auto', or try 1e-4 and lower it further if chains diverge",
             "nbeta": "a typical value is of the order of the training-set size",
             "gamma": "larger gamma keeps samples closer to the checkpoint",
             "rmsprop_eps": "the authors' default is 0.1",
         }
         for name, hint in hints.items():
             v = getattr(self, name)
+            if name == "step_size" and v == "auto":
+                continue
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise ConfigError(f"{name} must be a number, got {v!r}.")
             if not math.isfinite(v) or v <= 0:

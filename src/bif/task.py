@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bif.errors import ShapeError
+from bif.errors import ConfigError, ShapeError
 
 Batch = Any
 ModelFn = Callable[[Any], Any]
@@ -178,12 +178,14 @@ def make_task(
     """
     if isinstance(observable, str):
         if observable not in OBSERVABLES:
-            raise ShapeError(f"unknown observable {observable!r}; use one of {sorted(OBSERVABLES)}")
+            raise ConfigError(
+                f"unknown observable {observable!r}; use one of {sorted(OBSERVABLES)}"
+            )
         observable = OBSERVABLES[observable]
     if isinstance(task, str):
         builtins = {"classification": ClassificationTask, "regression": RegressionTask}
         if task not in builtins:
-            raise ShapeError(
+            raise ConfigError(
                 f"unknown task {task!r}; use 'classification', 'regression', a Task object, "
                 "or a per-sample loss function fn(outputs, targets) -> [B]."
             )
@@ -192,11 +194,11 @@ def make_task(
         return task.with_observable(observable) if observable is not None else task
     if isinstance(task, Task):
         if observable is not None:
-            raise ShapeError(
+            raise ConfigError(
                 "observable= cannot be combined with a custom Task object; "
                 "implement Task.observable instead."
             )
         return task
     if callable(task):
         return OutputLossTask(task, observable)
-    raise ShapeError(f"task must be a string, a Task or a callable, got {type(task).__name__}.")
+    raise ConfigError(f"task must be a string, a Task or a callable, got {type(task).__name__}.")

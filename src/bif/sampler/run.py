@@ -84,10 +84,21 @@ class _ChainRandom:
             gi.set_state(tensors[f"rng.index.{i}"])
 
 
-def _divergence(chains: list[int], bad: Tensor, step: int, what: str, cfg: BIFConfig) -> None:
+# A draw whose energy U(w) - U(w*) exceeds this many times (P + 10) is a runaway chain. Under the
+# target, U(w) - U(w*) <= U(w) - min U, which is about P/2 (at most ~P for a log-concave
+# posterior, with O(sqrt P) spread); only an unstable sampler (or minibatch noise heating the
+# chain ~1000-fold) gets near the bound. Without it an exploding chain can stay finite for many
+# steps and be averaged in as scores of 1e50.
+ENERGY_FACTOR = 1e3
+
+
+def _divergence(
+    chains: list[int], bad: Tensor, step: int, what: str, cfg: BIFConfig, why: str = ""
+) -> None:
     c = chains[int(bad.nonzero()[0, 0])]
+    why = why or f"the {what} became NaN/inf"
     raise DivergenceError(
-        f"chain {c} diverged at sampler step {step}: the {what} became NaN/inf. Nothing from that "
+        f"chain {c} diverged at sampler step {step}: {why}. Nothing from that "
         f"draw entered the estimates. Lower step_size (now {cfg.step_size:g}; try "
         f"{cfg.step_size / 10:g}), or raise gamma (now {cfg.gamma:g}) or lower nbeta "
         f"(now {cfg.nbeta:g}) to make the posterior better conditioned.",
@@ -120,6 +131,9 @@ def run_chains(
     posterior = LocalPosterior(cfg.nbeta, cfg.gamma, fmodel.w_star)
     eval_train = Evaluator(fmodel, task, train, train_losses, cfg.chunk_size, vm)
     eval_query = Evaluator(fmodel, task, query, query_observables, cfg.chunk_size, vm)
+    w_star_1 = {k: v.unsqueeze(0) for k, v in fmodel.w_star.items()}
+    energy_star = float(posterior.potential(w_star_1, eval_train(w_star_1).double().mean(1)))
+    max_energy = ENERGY_FACTOR * (fmodel.num_params + 10)
     full_batch = cfg.batch_size is None or cfg.batch_size >= N
     grad_fn = per_chain(
         mean_loss_and_grad(fmodel, task.loss), vm, batch_in_dim=None if full_batch else 0
@@ -216,6 +230,16 @@ def run_chains(
             finite = torch.isfinite(a).all(1) & torch.isfinite(b).all(1)
             if not bool(finite.all()):
                 _divergence(chains, ~finite, t, "evaluated losses", cfg)
+            energy = posterior.potential(state.params, a.double().mean(1)) - energy_star  # [G]
+            if bool((energy > max_energy).any()):
+                e = float(energy.max())
+                _divergence(
+                    chains, energy > max_energy, t, "energy", cfg,
+                    f"its energy nβ·(L_n(w) - L_n(w*)) + γ/2·||w - w*||² = {e:.3g} exceeds "
+                    f"{max_energy:.3g} = {ENERGY_FACTOR:g}·(P + 10) with P = {fmodel.num_params} "
+                    "sampled parameters (about P/2 is expected under the posterior); the chain "
+                    "is running away (with minibatches, a larger batch_size also helps)",
+                )  # fmt: skip
             update_moments(moments, idx, a, b, inplace=True)
             draw_loss[chains, d] = a.mean(1).to("cpu", torch.float64)
             query_trace[chains, d] = b.to("cpu", torch.float64)
