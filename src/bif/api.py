@@ -120,7 +120,8 @@ def attribute(
         lambda_max = None
         if cfg.step_size == "auto":
             lambda_max = _lambda_max(fmodel, the_task, train_src, cfg)
-            cfg = cfg.replace(step_size=auto_step_size(lambda_max, cfg.nbeta, cfg.gamma))
+            g_max = 1.0 / cfg.rmsprop_eps if cfg.sampler == "rmsprop" else 1.0
+            cfg = cfg.replace(step_size=auto_step_size(lambda_max, cfg.nbeta, cfg.gamma, g_max))
             log.info("step_size='auto': λ_max(H) = %.4g -> step_size = %.4g", lambda_max,
                      cfg.step_size)  # fmt: skip
         out = run_chains(

@@ -33,16 +33,17 @@ class BIFConfig:
     num_chains: int = _f(
         8, "independent SGLD chains, all started at w*; >= 2 gives standard errors"
     )
-    num_draws: int = _f(100, "draws recorded per chain after burn-in")
+    num_draws: int = _f(200, "draws recorded per chain after burn-in")
     num_burnin: int = _f(300, "sampler steps discarded before the first draw")
     thin: int = _f(5, "sampler steps between two recorded draws")
     step_size: float | Literal["auto"] = _f(
         "auto",
         "SGLD step size ε, or 'auto' = 0.5/(nβ·λ_max + γ) from a power-iteration estimate of "
-        "the top Hessian eigenvalue λ_max at w* (lower it if a chain diverges)",
+        "the top Hessian eigenvalue λ_max at w* (×rmsprop_eps for 'rmsprop'); lower it if a "
+        "chain diverges",
     )
     nbeta: float = _f(1000.0, "inverse temperature nβ multiplying the mean training loss")
-    gamma: float = _f(1000.0, "localisation strength γ pulling samples towards w*")
+    gamma: float = _f(100.0, "localisation strength γ pulling samples towards w*")
     batch_size: int | None = _f(
         None, "minibatch size for SGLD gradients; None = full batch (exact gradients)"
     )

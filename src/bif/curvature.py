@@ -80,6 +80,12 @@ def top_hessian_eigenvalue(
     return abs(estimate)
 
 
-def auto_step_size(lambda_max: float, nbeta: float, gamma: float) -> float:
-    """ε = 0.5 / (nβ · λ_max + γ): a factor 4 inside the SGLD stability limit."""
-    return AUTO_STEP_FACTOR / (nbeta * lambda_max + gamma)
+def auto_step_size(
+    lambda_max: float, nbeta: float, gamma: float, max_precond: float = 1.0
+) -> float:
+    """ε = 0.5 / (G_max · (nβ · λ_max + γ)): a factor 4 inside the SGLD stability limit.
+
+    ``max_precond`` is the largest factor a preconditioner can put on the step (1 for plain
+    SGLD; 1/eps for RMSProp-SGLD, whose G = 1/(sqrt(V)+eps) never exceeds 1/eps).
+    """
+    return AUTO_STEP_FACTOR / (max_precond * (nbeta * lambda_max + gamma))

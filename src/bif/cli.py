@@ -1,0 +1,278 @@
+"""The ``bif`` command line: ``bif demo``, ``bif show``, ``bif report``.
+
+Hyperparameter flags (``--num-chains``, ``--step-size``, ...) are generated from the fields of
+:class:`bif.config.BIFConfig` and their ``help`` metadata, so the CLI, the config and
+:func:`bif.attribute` cannot drift apart. This module is the only place in bif that prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from bif import __version__
+from bif.config import BIFConfig
+from bif.errors import BIFError, ConfigError
+from bif.result import BIFResult
+
+# Words meaning None for an optional field (``--batch-size full`` reads naturally).
+_NONE_WORDS = ("none", "full")
+
+
+def _value_parser(name: str, tp: Any) -> tuple[Any, str]:
+    """A string -> value converter and a metavar for a field typed as a union of int, float, str,
+    None and ``Literal`` choices (e.g. ``int | None``, ``float | Literal["auto"]``)."""
+    members = (
+        typing.get_args(tp) if typing.get_origin(tp) in (types.UnionType, typing.Union) else (tp,)
+    )
+    literals: list[Any] = []
+    scalars: list[type] = []
+    allow_none = False
+    for m in members:
+        if m is type(None):
+            allow_none = True
+        elif typing.get_origin(m) is Literal:
+            literals += typing.get_args(m)
+        elif m in (int, float, str):
+            scalars.append(m)
+        else:
+            raise TypeError(f"no CLI parser for BIFConfig.{name}: {tp}")
+    words = [str(v) for v in literals] + (list(_NONE_WORDS) if allow_none else [])
+    options = [t.__name__.upper() for t in scalars] + words
+    metavar = options[0] if len(options) == 1 else "{" + ",".join(options) + "}"
+
+    def parse(text: str) -> Any:
+        t = text.strip()
+        for v in literals:
+            if t == str(v):
+                return v
+        if allow_none and t.lower() in _NONE_WORDS:
+            return None
+        for conv in scalars:
+            try:
+                return conv(t)
+            except ValueError:
+                continue
+        raise argparse.ArgumentTypeError(f"expected one of {metavar}, got {text!r}")
+
+    return parse, metavar
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--flag`` per :class:`BIFConfig` field (generated, never listed by hand).
+
+    Unset flags are absent from the parsed namespace (``argparse.SUPPRESS``), so the library
+    default applies and ``--batch-size none`` (a real ``None``) stays distinguishable from "unset".
+    A field typed ``bool`` becomes ``--flag/--no-flag``, a pure ``Literal`` a choice, and unions
+    of numbers, ``None`` and literals (``int | None``, ``float | Literal["auto"]``) a converter.
+    """
+    group = parser.add_argument_group("BIF hyperparameters (unset: the library default)")
+    hints = typing.get_type_hints(BIFConfig)
+    for f in dataclasses.fields(BIFConfig):
+        tp = hints[f.name]
+        default = "none" if f.default is None else f.default
+        text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is Literal:
+            kw.update(choices=list(typing.get_args(tp)), type=str)
+        else:
+            kw["type"], kw["metavar"] = _value_parser(f.name, tp)
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The hyperparameters given on the command line, by :class:`BIFConfig` field name."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(BIFConfig) if f.name in args}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bif",
+        description="Training data attribution with local Bayesian influence functions (BIF).",
+    )
+    parser.add_argument("--version", action="version", version=f"bif {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser(
+        "demo",
+        help="train a small MLP on the bundled digits, attribute test digits, write a report",
+        description="Train a 64-64-10 MLP on 1,000 bundled 8x8 digits, attribute a few test "
+        "digits with BIF, save the result and write a self-contained HTML report.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("bif-demo"), help="output directory")
+    demo.add_argument("--num-queries", type=int, default=6, help="test digits to explain")
+    demo.add_argument("-k", type=int, default=5, help="proponents/opponents shown per query")
+    demo.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads; the demo model is tiny, so one thread avoids threading "
+        "overhead and contention (default: 1)",
+    )  # fmt: skip
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(demo)
+
+    show = sub.add_parser("show", help="print the top proponents/opponents of a saved result")
+    show.add_argument("result_dir", type=Path, help="directory written by BIFResult.save")
+    show.add_argument("--query", type=int, default=None, help="only this query (default: all)")
+    show.add_argument("-k", type=int, default=5, help="proponents/opponents per query")
+
+    report = sub.add_parser("report", help="(re)build the HTML report of a saved result")
+    report.add_argument("result_dir", type=Path, help="directory written by BIFResult.save")
+    report.add_argument("--out", type=Path, default=None, help="default: RESULT_DIR/report.html")
+    report.add_argument("-k", type=int, default=5, help="proponents/opponents per query")
+    return parser
+
+
+def _labels(info: dict[str, Any] | None) -> tuple[list[int] | None, list[str]]:
+    """Training labels and query descriptions from a demo's ``demo.json`` (if any)."""
+    if info is None:
+        return None, []
+    from bif.datasets import load_digits
+
+    labels = load_digits().labels
+    train = [int(labels[i]) for i in info["train_indices"]]
+    queries = [
+        f"test digit #{x['dataset_index']}: true {x['label']}, predicted {x['prediction']}"
+        + ("" if x["label"] == x["prediction"] else "  (MISCLASSIFIED)")
+        for x in info["queries"]
+    ]
+    return train, queries
+
+
+def format_query(
+    result: BIFResult, q: int, k: int, train_labels: list[int] | None, title: str = ""
+) -> list[str]:
+    """Lines describing query ``q``: its top ``k`` proponents and opponents (score ± stderr)."""
+    top = result.top(q, k)
+    head = f"query {q}" + (f"  {title}" if title else "")
+    lines = [f"{head}  (loss at w* {float(result.query_star[q]):.4g})"]
+
+    def row(x: Any) -> str:
+        lab = f"  label {train_labels[x.index]}" if train_labels is not None else ""
+        return f"    #{x.index:<5d}{lab}  {x.score:+.3g} ± {x.stderr:.2g}"
+
+    lines.append("  proponents (BIF < 0: training on them lowers this query's loss)")
+    lines += [row(x) for x in top.proponents] or ["    (none)"]
+    lines.append("  opponents  (BIF > 0: training on them raises this query's loss)")
+    lines += [row(x) for x in top.opponents] or ["    (none)"]
+    return lines
+
+
+def _check_positive(flag: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{flag} must be a positive integer, got {value}.")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from bif.demo import check_num_queries, run_demo, split_digits  # lazy: fast `bif --help`
+
+    # Fail on a bad flag before printing anything or training.
+    _check_positive("-k", args.k)
+    _check_positive("--threads", args.threads)
+    overrides = config_overrides(args)
+    BIFConfig().replace(**overrides)
+    check_num_queries(args.num_queries, len(split_digits().test_idx))
+    t0 = time.perf_counter()
+    print(
+        f"bif demo: training a 64-64-10 MLP on 1,000 digits, then attributing "
+        f"{args.num_queries} test digits (output: {args.out})",
+        flush=True,
+    )
+    out = run_demo(
+        args.out, args.num_queries, progress=not args.quiet, k=args.k, threads=args.threads,
+        **overrides,
+    )  # fmt: skip
+    r = out.result
+    print(
+        f"model: train accuracy {out.train_accuracy:.1%}, test accuracy {out.test_accuracy:.1%} "
+        f"on {out.num_test} test digits (trained in {out.train_seconds:.1f} s)"
+    )
+    lam = r.meta.get("lambda_max")
+    rule = f" (auto: λ_max(H) = {lam:.3g})" if isinstance(lam, float) else ""
+    print(
+        f"BIF: {r.config.num_chains} chains × {r.config.num_draws} draws, step size "
+        f"{r.config.step_size:.3g}{rule}, nβ = {r.config.nbeta:g}, γ = {r.config.gamma:g}; "
+        f"sampling {r.meta.get('sampling_seconds', float('nan')):.1f} s\n"
+    )
+    for q, info in enumerate(out.queries):
+        verdict = "correct" if info.label == info.prediction else "MISCLASSIFIED"
+        title = (
+            f"test digit #{info.dataset_index}: true {info.label}, "
+            f"predicted {info.prediction} ({verdict})"
+        )
+        print("\n".join(format_query(r, q, args.k, out.train_labels, title)) + "\n")
+    print(f"report: {out.report_path}")
+    print(f"result: {out.result_dir}   (bif show {out.result_dir})")
+    print(f"wall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from bif.demo import load_demo_info
+
+    _check_positive("-k", args.k)
+    result = BIFResult.load(args.result_dir)
+    if args.query is not None and not 0 <= args.query < result.num_queries:
+        raise ConfigError(
+            f"--query must lie in [0, {result.num_queries - 1}] for this result, got {args.query}."
+        )
+    train_labels, titles = _labels(load_demo_info(args.result_dir))
+    qs = range(result.num_queries) if args.query is None else [args.query]
+    c = result.config
+    print(
+        f"{result.num_train} training examples, {result.num_queries} queries, "
+        f"{c.num_chains} chains × {c.num_draws} draws; BIF < 0 = proponent\n"
+    )
+    for q in qs:
+        title = titles[q] if q < len(titles) else ""
+        print("\n".join(format_query(result, q, args.k, train_labels, title)) + "\n")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from bif.demo import load_demo_info, write_demo_report
+    from bif.report import write_report
+
+    _check_positive("-k", args.k)
+    out = args.out or args.result_dir / "report.html"
+    if load_demo_info(args.result_dir) is not None:
+        path = write_demo_report(args.result_dir, out, k=args.k)
+    else:
+        path = write_report(out, BIFResult.load(args.result_dir), k=args.k)
+    print(f"report: {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bif`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="bif: %(levelname)s: %(message)s")
+    commands = {"demo": _cmd_demo, "show": _cmd_show, "report": _cmd_report}
+    try:
+        return commands[args.command](args)
+    except BIFError as err:
+        # One line, no traceback: these errors are the user's to fix and say how.
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `bif show ... | head`: stop quietly; point stdout at devnull so the interpreter's
+        # final flush does not raise again (the recipe of the Python signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
