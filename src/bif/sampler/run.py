@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -29,14 +28,10 @@ from bif.functional import FunctionalModel, Params, mean_loss_and_grad, per_chai
 from bif.observables import Evaluator, query_observables, train_losses
 from bif.posterior import LocalPosterior
 from bif.sampler import rmsprop, sgld
+from bif.sampler.rng import ChainRandom
 from bif.task import Task
 
 log = logging.getLogger(__name__)
-
-
-def chain_seed(seed: int, chain: int) -> int:
-    """Independent 63-bit seed of chain ``chain`` (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence([seed, chain]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @dataclass
@@ -46,42 +41,6 @@ class RunOutput:
     step_loss: Tensor  # [C, T] minibatch (or full-batch) mean loss at each sampler step
     query_trace: Tensor  # [C, D, Q] query observables at each draw
     resumed: bool
-
-
-class _ChainRandom:
-    """Per-chain generators: noise on the sampling device, minibatch indices on the CPU."""
-
-    def __init__(self, seed: int, chains: list[int], device: torch.device) -> None:
-        self.noise = [torch.Generator(device).manual_seed(chain_seed(seed, c)) for c in chains]
-        self.index = [torch.Generator().manual_seed(chain_seed(seed, c) ^ 0x5EED) for c in chains]
-
-    def normal_like(self, params: Params) -> Params:
-        """ξ ~ N(0, I) for chain-stacked ``params`` [G, ...], row g from chain g's generator."""
-        return {
-            k: torch.stack(
-                [
-                    torch.randn(v.shape[1:], generator=g, device=v.device, dtype=v.dtype)
-                    for g in self.noise
-                ]
-            )
-            for k, v in params.items()
-        }
-
-    def indices(self, n: int, batch_size: int) -> Tensor:
-        """Minibatch indices (with replacement) for each chain, concatenated: [G·B]."""
-        return torch.cat([torch.randint(n, (batch_size,), generator=g) for g in self.index])
-
-    def states(self) -> dict[str, Tensor]:
-        out = {}
-        for i, (gn, gi) in enumerate(zip(self.noise, self.index, strict=True)):
-            out[f"rng.noise.{i}"] = gn.get_state()
-            out[f"rng.index.{i}"] = gi.get_state()
-        return out
-
-    def restore(self, tensors: dict[str, Tensor]) -> None:
-        for i, (gn, gi) in enumerate(zip(self.noise, self.index, strict=True)):
-            gn.set_state(tensors[f"rng.noise.{i}"])
-            gi.set_state(tensors[f"rng.index.{i}"])
 
 
 # A draw whose energy U(w) - U(w*) exceeds this many times (P + 10) is a runaway chain. Under the
@@ -185,7 +144,7 @@ def run_chains(
         if gi in done_groups:
             continue
         idx = torch.tensor(chains, device=device)
-        rng = _ChainRandom(cfg.seed, chains, device)
+        rng = ChainRandom(cfg.seed, chains, device)
         stacked = {
             k: v.unsqueeze(0).expand(len(chains), *v.shape).clone()
             for k, v in fmodel.w_star.items()
@@ -198,7 +157,7 @@ def run_chains(
             rng.restore(saved)
             bar.update(t0)
 
-        def snapshot(step: int, state: Any = None, rng: _ChainRandom = rng, gi: int = gi) -> None:
+        def snapshot(step: int, state: Any = None, rng: ChainRandom = rng, gi: int = gi) -> None:
             extra = _flatten_state(state)
             extra.update(rng.states())
             save({"group": gi, "step": step}, extra)
