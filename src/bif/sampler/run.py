@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,8 @@ def run_chains(
         total=len(groups) * T,
         disable=not progress,
         desc="BIF sampling",
+        # In logs (no terminal) every redraw is a new chunk of text: redraw rarely there.
+        mininterval=0.1 if sys.stderr.isatty() else 10.0,
         unit="step",
         dynamic_ncols=True,
     )
