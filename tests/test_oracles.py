@@ -17,7 +17,6 @@ lag covariances of the stationary chain (the burn-in makes the start at w* negli
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from scipy import stats
@@ -30,15 +29,6 @@ from bif.estimator import batch_covariance
 
 ALPHA = 1e-3  # family-wise false-alarm rate of each statistical check
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and OpenMP barriers spin badly on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def t_crit(num_chains: int, num_checks: int) -> float:

@@ -4,7 +4,6 @@ and observables, dict inputs, and the embedded digits."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -29,15 +28,6 @@ KW: dict[str, Any] = dict(
     progress=False,
 )
 COMPARED = ("scores", "stderr", "correlation", "self_influence", "step_loss", "query_trace")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny ops are dominated by thread hand-off on a loaded 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ themselves vary by O(1) relative between seeds, see ``test_different_seed_differ
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,15 +32,6 @@ KW: dict[str, Any] = dict(
     progress=False,
 )
 RESULT_TENSORS = ("scores", "stderr", "correlation", "self_influence", "draw_loss", "step_loss")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny ops are dominated by thread hand-off on a loaded 2-core machine (1.7 s vs 0.03 s a run).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_problem(seed: int = 0) -> tuple[nn.Module, tuple, tuple]:
