@@ -46,3 +46,11 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) bif-demo .pytest_cache build *.egg-info src/*.egg-info
+
+# Optional peers for the benchmark (bif[compare]: dattri, kronfluence). kronfluence goes in with
+# --no-deps: its torchvision requirement would replace the CPU torch with a multi-GB CUDA build.
+.PHONY: compare-install
+compare-install: $(STAMP)
+	$(PY) -m pip install -q -e '.[compare]'
+	$(PY) -m pip install -q --no-deps kronfluence==1.0.1
+	$(PY) -c "import torch, dattri, kronfluence; print('torch', torch.__version__, '| kronfluence', kronfluence.__version__)"
