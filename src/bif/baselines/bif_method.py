@@ -1,0 +1,69 @@
+"""BIF itself behind the :class:`~bif.baselines.base.Attributor` interface."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import Tensor
+
+from bif.api import attribute
+from bif.baselines.base import AttributionContext
+from bif.config import BIFConfig
+from bif.errors import ConfigError
+from bif.result import BIFResult
+
+# Keywords of bif.attribute that are not BIFConfig fields.
+_CALL_KEYWORDS = {"device", "dtype", "run_dir", "checkpoint_every", "progress"}
+
+
+class BIFAttributor:
+    """Runs :func:`bif.attribute` on the context; scores ``[Q, N]`` = BIF (same sign convention).
+
+    Args:
+        config: base configuration (default: the library defaults).
+        name: label in benchmark tables.
+        **hyperparams: BIFConfig fields overriding ``config`` (``num_chains``, ``nbeta``, ...),
+            and the call options ``device``, ``dtype``, ``run_dir``, ``checkpoint_every``,
+            ``progress`` (default False).
+
+    The last :class:`BIFResult` is kept in ``self.result`` (standard errors, traces).
+    ``ctx.extra["observable"]``, when present, is passed on as ``observable=``.
+    """
+
+    def __init__(self, config: BIFConfig | None = None, *, name: str = "bif", **hyperparams: Any):
+        fields = {f.name for f in dataclasses.fields(BIFConfig)}
+        unknown = sorted(set(hyperparams) - fields - _CALL_KEYWORDS)
+        if unknown:
+            raise ConfigError(
+                f"unknown BIFAttributor option(s) {unknown}; use BIFConfig fields "
+                f"{sorted(fields)} or {sorted(_CALL_KEYWORDS)}."
+            )
+        overrides = {k: v for k, v in hyperparams.items() if k in fields}
+        # Validated now, so a typo fails when the benchmark is set up, not an hour into it.
+        self.config = (config or BIFConfig()).replace(**overrides)
+        self.call_options = {"progress": False}
+        self.call_options.update({k: v for k, v in hyperparams.items() if k in _CALL_KEYWORDS})
+        self.name = name
+        self.result: BIFResult | None = None
+
+    def run(self, ctx: AttributionContext) -> BIFResult:
+        """The full :class:`BIFResult` for the context (also stored in ``self.result``)."""
+        self.result = attribute(
+            ctx.model,
+            (ctx.x_train, ctx.y_train),
+            (ctx.x_query, ctx.y_query),
+            task=ctx.task,
+            observable=ctx.extra.get("observable"),
+            config=self.config,
+            **self.call_options,
+        )
+        return self.result
+
+    def scores(self, ctx: AttributionContext) -> Tensor:
+        """BIF scores ``[Q, N]``: ``-Cov_p(l_n, φ_q)``; negative = proponent."""
+        return self.run(ctx).scores
+
+    def self_influence(self, ctx: AttributionContext) -> Tensor:
+        """``-Var_p(l_n)`` ``[N]`` (more negative = more suspicious)."""
+        return self.run(ctx).self_influence
