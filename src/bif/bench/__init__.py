@@ -1,0 +1,1 @@
+"""Offline benchmark: settings (data, model, recipe) and shipped retraining ground truth."""

@@ -1,0 +1,261 @@
+"""``bif bench``: attribution methods on a benchmark setting, scored by LDS against retraining.
+
+Every method runs behind the :class:`~bif.baselines.base.Attributor` interface on the same
+reference model, so the evaluation never knows who made the scores. Each row reports the LDS
+with its bootstrap interval over queries, the method's wall time and its peak memory (peak
+resident set size of the process while the method ran, reset before each method via
+``/proc/self/clear_refs``; on CUDA, the peak allocated device memory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bif import __version__
+from bif.baselines.base import AttributionContext, Attributor
+from bif.bench.memory import PeakMemory
+from bif.bench.settings import Setting, load_setting
+from bif.errors import ConfigError
+from bif.eval.metrics import lds
+from bif.eval.retrain import load_ground_truth, train_reference
+
+log = logging.getLogger(__name__)
+
+# Damping of the classical influence functions (mean-loss scale), fixed across settings rather
+# than tuned on the ground truth: small enough to be close to the undamped IF on well-fit models.
+IF_DAMPING = 1e-3
+
+
+def _bif(**kw: Any) -> Attributor:
+    from bif.baselines.bif_method import BIFAttributor
+
+    return BIFAttributor(**kw)
+
+
+def _influence(kind: str) -> Callable[..., Attributor]:
+    def make(**kw: Any) -> Attributor:
+        from bif.baselines import influence
+
+        cls = {"exact": influence.ExactInfluence, "cg": influence.CGInfluence,
+               "lissa": influence.LiSSAInfluence}[kind]  # fmt: skip
+        return cls(**{"damping": IF_DAMPING, **kw})
+
+    return make
+
+
+def _gradsim(kind: str) -> Callable[..., Attributor]:
+    def make(**kw: Any) -> Attributor:
+        from bif.baselines import gradsim
+
+        return (gradsim.GradientDot if kind == "dot" else gradsim.GradientCosine)(**kw)
+
+    return make
+
+
+def _peer(module: str, cls: str) -> Callable[..., Attributor]:
+    def make(**kw: Any) -> Attributor:
+        import importlib
+
+        return getattr(importlib.import_module(f"bif.baselines.{module}"), cls)(**kw)
+
+    return make
+
+
+# name -> factory(**options). Peers (trak, tracin, ekfac) need `make compare-install`.
+METHODS: dict[str, Callable[..., Attributor]] = {
+    "bif": _bif,
+    "grad-dot": _gradsim("dot"),
+    "grad-cos": _gradsim("cos"),
+    "if-exact": _influence("exact"),
+    "if-cg": _influence("cg"),
+    "if-lissa": _influence("lissa"),
+    "tracin": _peer("dattri_methods", "TracIn"),
+    "trak": _peer("dattri_methods", "TRAK"),
+    "ekfac": _peer("kronfluence_methods", "EKFAC"),
+}
+DEFAULT_METHODS = ("bif", "grad-dot", "grad-cos", "if-exact", "if-cg", "tracin", "trak", "ekfac")
+TRACIN_CHECKPOINTS = 5
+
+
+@dataclass
+class BenchRow:
+    method: str
+    lds: float
+    ci_low: float
+    ci_high: float
+    seconds: float
+    peak_mb: float
+    excluded_queries: int
+    options: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def make_context(setting: Setting, model: torch.nn.Module) -> AttributionContext:
+    """The shared inputs of every method: reference model, data, recipe and trajectory."""
+    checkpoints, lrs = trajectory(setting, TRACIN_CHECKPOINTS)
+    return AttributionContext(
+        model=model,
+        x_train=setting.x_train,
+        y_train=setting.y_train,
+        x_query=setting.x_query,
+        y_query=setting.y_query,
+        task=setting.task,
+        checkpoints=checkpoints,
+        learning_rates=lrs,
+        build_model=setting.build_model,
+        train_fn=setting.train,
+    )
+
+
+def trajectory(setting: Setting, count: int) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+    """``count`` evenly spaced checkpoints of the reference training run (for TracIn)."""
+    from bif.bench.training import train_single
+
+    seed = setting.reference_seed
+    total = setting.training.num_steps(setting.num_train)
+    keep = {round(total * (i + 1) / count) for i in range(count)}
+    saved: list[dict[str, torch.Tensor]] = []
+
+    def callback(step: int, model: torch.nn.Module) -> None:
+        if step in keep:
+            saved.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    train_single(setting.build_model(seed), setting.x_train, setting.y_train, seed,
+                 setting.training, callback=callback)  # fmt: skip
+    return saved, [setting.training.lr] * len(saved)
+
+
+def run_method(
+    name: str, ctx: AttributionContext, gt_masks: torch.Tensor, gt_targets: torch.Tensor,
+    options: dict[str, Any] | None = None, n_boot: int = 1000,
+) -> BenchRow:  # fmt: skip
+    """Score one method; errors become a row with ``error`` set instead of aborting the table."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose from {sorted(METHODS)}.")
+    options = dict(options or {})
+    try:
+        method = METHODS[name](**options)
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            scores = method.scores(ctx)
+            seconds = time.perf_counter() - t0
+        res = lds(scores, gt_masks, gt_targets, n_boot=n_boot)
+        return BenchRow(name, res.mean, res.ci_low, res.ci_high, seconds, mem.peak_mb,
+                        res.num_excluded, options)  # fmt: skip
+    except (ImportError, ConfigError) as e:
+        log.warning("%s skipped: %s", name, e)
+        nan = float("nan")
+        return BenchRow(name, nan, nan, nan, nan, nan, 0, options, error=str(e))
+
+
+def run_bench(
+    setting_name: str,
+    methods: tuple[str, ...] = DEFAULT_METHODS,
+    out_dir: str | Path = "bif-bench",
+    method_options: dict[str, dict[str, Any]] | None = None,
+    n_boot: int = 1000,
+    on_row: Callable[[BenchRow], None] | None = None,
+) -> list[BenchRow]:
+    """Run ``methods`` on a setting and write ``out_dir/<setting>.json`` and ``.png``."""
+    setting = load_setting(setting_name)
+    gt = load_ground_truth(setting_name)
+    gt.check_setting(setting)
+    model = train_reference(setting)
+    ctx = make_context(setting, model)
+    rows = []
+    for name in methods:
+        row = run_method(name, ctx, gt.masks, gt.mean_targets(),
+                         (method_options or {}).get(name), n_boot)  # fmt: skip
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "setting": setting_name,
+        "num_train": setting.num_train,
+        "num_query": setting.num_query,
+        "num_subsets": gt.num_subsets,
+        "num_seeds": gt.num_seeds,
+        "test_accuracy": setting.accuracy(model),
+        "bif_version": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+    doc = {"meta": meta, "rows": [asdict(r) for r in rows]}
+    (out / f"{setting_name}.json").write_text(json.dumps(doc, indent=1))
+    from bif.bench.plots import lds_chart
+
+    lds_chart(rows, f"{setting_name}: LDS (M={gt.num_subsets}, R={gt.num_seeds})",
+              out / f"{setting_name}.png")  # fmt: skip
+    return rows
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """A fixed-width table: method, LDS [interval], wall time, peak memory."""
+    lines = [f"{'method':<10} {'LDS':>7}  {'95% interval':<17} {'time (s)':>9} {'peak MB':>8}"]
+    for r in rows:
+        if r.error:
+            lines.append(f"{r.method:<10} {'—':>7}  skipped: {r.error[:60]}")
+            continue
+        ci = f"[{r.ci_low:.3f}, {r.ci_high:.3f}]"
+        lines.append(f"{r.method:<10} {r.lds:7.3f}  {ci:<17} {r.seconds:9.1f} {r.peak_mb:8.0f}")
+    return "\n".join(lines)
+
+
+@dataclass
+class SweepPoint:
+    num_chains: int
+    num_draws: int
+    lds: float
+    ci_low: float
+    ci_high: float
+    seconds: float
+
+
+def run_sweep(
+    setting_name: str,
+    chains: tuple[int, ...] = (2, 4, 8, 16),
+    draws: tuple[int, ...] = (25, 50, 100, 200, 400),
+    out_dir: str | Path = "bif-bench",
+    n_boot: int = 1000,
+    on_point: Callable[[SweepPoint], None] | None = None,
+    **bif_options: Any,
+) -> list[SweepPoint]:
+    """BIF's LDS on a grid of chains × draws (all else at the defaults) to show where it saturates.
+
+    Writes ``out_dir/<setting>-sweep.json`` and ``.png``.
+    """
+    setting = load_setting(setting_name)
+    gt = load_ground_truth(setting_name)
+    gt.check_setting(setting)
+    ctx = make_context(setting, train_reference(setting))
+    points = []
+    for c in chains:
+        for d in draws:
+            row = run_method("bif", ctx, gt.masks, gt.mean_targets(),
+                             {**bif_options, "num_chains": c, "num_draws": d}, n_boot)  # fmt: skip
+            if row.error:
+                raise ConfigError(row.error)
+            p = SweepPoint(c, d, row.lds, row.ci_low, row.ci_high, row.seconds)
+            points.append(p)
+            if on_point is not None:
+                on_point(p)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"setting": setting_name, "options": bif_options, "points": [asdict(p) for p in points]}
+    (out / f"{setting_name}-sweep.json").write_text(json.dumps(doc, indent=1))
+    from bif.bench.plots import sweep_chart
+
+    sweep_chart(points, f"{setting_name}: BIF LDS vs compute", out / f"{setting_name}-sweep.png")
+    return points
