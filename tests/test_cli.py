@@ -30,7 +30,8 @@ def test_help_lists_every_config_field(capsys) -> None:
     for f in dataclasses.fields(BIFConfig):
         assert f"--{f.name.replace('_', '-')}" in text
         assert " ".join(f.metadata["help"].split()) in text
-    assert "--no-vmap-chains" in text and "{sgld,rmsprop}" in text and "{chain,pooled}" in text
+    assert "--no-vmap-chains" in text and "{sgld,rmsprop,kinetic}" in text
+    assert "{chain,pooled}" in text
 
 
 def test_flag_types_follow_the_config() -> None:

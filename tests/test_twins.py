@@ -64,7 +64,7 @@ def assert_identical(r1: bif.BIFResult, r2: bif.BIFResult) -> None:
         assert torch.equal(a, b), f"{name} differs by {float((a - b).abs().max())}"
 
 
-@pytest.mark.parametrize("sampler", ["sgld", "rmsprop"])
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop", "kinetic"])
 @pytest.mark.parametrize("batch_size", [None, 8])
 def test_vmap_matches_loop(problem, sampler: str, batch_size: int | None) -> None:
     model, train, query = problem
@@ -160,10 +160,12 @@ RESUME_CASES = [
     # vmap: one group, one update per draw (6 draws); checkpoints after draws 2, 4, 6.
     (True, "sgld", None, [4, 2]),
     (True, "rmsprop", 8, [3]),
+    (True, "kinetic", None, [5]),
     # loop: 3 groups of 6 updates; interrupt mid chain 0, at the first draw of chain 1 (last
     # save = end of chain 0), then mid chain 2 on the second resumed call.
     (False, "sgld", 8, [4, 4, 7]),
     (False, "rmsprop", None, [11, 7]),
+    (False, "kinetic", 8, [9]),
 ]
 
 

@@ -16,7 +16,13 @@ from torch import Tensor, nn
 from bif import __version__
 from bif.checkpoint import fingerprint
 from bif.config import BIFConfig
-from bif.curvature import auto_step_size, top_hessian_eigenvalue
+from bif.curvature import (
+    auto_friction,
+    auto_gamma,
+    auto_nbeta,
+    auto_step_size,
+    top_hessian_eigenvalue,
+)
 from bif.data import DataSource
 from bif.errors import ConfigError, DataError
 from bif.estimator import estimate
@@ -90,6 +96,7 @@ def attribute(
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
     the_task = make_task(task, observable)
+    requested = cfg
     if cfg.num_chains < 2:
         warnings.warn(
             "num_chains=1 gives no standard errors (they come from the spread across chains).",
@@ -117,13 +124,14 @@ def attribute(
         task_name = getattr(the_task, "name", type(the_task).__name__)
         fp = fingerprint(fmodel.w_star, len(train_src), len(query_src), task_name)
         t0 = time.perf_counter()
-        lambda_max = None
+        cfg, lambda_max = _resolve_auto(cfg, fmodel, the_task, train_src)
         if cfg.step_size == "auto":
-            lambda_max = _lambda_max(fmodel, the_task, train_src, cfg)
-            g_max = 1.0 / cfg.rmsprop_eps if cfg.sampler == "rmsprop" else 1.0
-            cfg = cfg.replace(step_size=auto_step_size(lambda_max, cfg.nbeta, cfg.gamma, g_max))
+            assert lambda_max is not None
+            cfg = cfg.replace(step_size=auto_step_size(lambda_max, cfg))
             log.info("step_size='auto': λ_max(H) = %.4g -> step_size = %.4g", lambda_max,
                      cfg.step_size)  # fmt: skip
+        if cfg.friction == "auto":
+            cfg = cfg.replace(friction=auto_friction(cfg))
         out = run_chains(
             fmodel, the_task, train_src, query_src, cfg, progress=progress,
             run_dir=Path(run_dir) if run_dir is not None else None,
@@ -144,7 +152,8 @@ def attribute(
         "num_query": len(query_src),
         "task": task_name,
         "damping": cfg.damping,
-        "step_size_rule": "auto" if lambda_max is not None else "given",
+        "step_size_rule": "auto" if requested.step_size == "auto" else "given",
+        "auto": [k for k in AUTO_FIELDS if getattr(requested, k) == "auto"],
         "lambda_max": lambda_max,
         "sampling_seconds": wall,
         "resumed": out.resumed,
@@ -165,6 +174,27 @@ def attribute(
         config=cfg,
         meta=meta,
     )
+
+
+AUTO_FIELDS = ("friction", "gamma", "nbeta", "step_size")
+
+
+def _resolve_auto(
+    cfg: BIFConfig, fmodel: FunctionalModel, task: Task, train: DataSource
+) -> tuple[BIFConfig, float | None]:
+    """Replace 'auto' gamma and nbeta by their rules; λ_max when any rule needs it."""
+    lambda_max = None
+    if cfg.step_size == "auto" or cfg.nbeta == "auto":
+        lambda_max = _lambda_max(fmodel, task, train, cfg)
+    if cfg.gamma == "auto":
+        cfg = cfg.replace(gamma=auto_gamma(fmodel.w_star, cfg.radius))
+    if cfg.nbeta == "auto":
+        assert lambda_max is not None and not isinstance(cfg.gamma, str)
+        cfg = cfg.replace(nbeta=auto_nbeta(cfg.gamma, lambda_max, cfg.condition))
+    if lambda_max is not None:
+        log.info("λ_max(H) = %.4g: nβ = %.4g, γ = %.4g, damping = %.3g", lambda_max,
+                 cfg.nbeta, cfg.gamma, cfg.damping)  # fmt: skip
+    return cfg, lambda_max
 
 
 # Power iteration on at most this many training examples: λ_max of the mean loss is a smooth

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from bif.errors import ConfigError
 
-SamplerName = Literal["sgld", "rmsprop"]
+SamplerName = Literal["sgld", "rmsprop", "kinetic"]
 Centering = Literal["chain", "pooled"]
 
 
@@ -30,24 +30,48 @@ class BIFConfig:
     Defaults are explained in the README ("Choosing hyperparameters").
     """
 
-    num_chains: int = _f(
-        8, "independent SGLD chains, all started at w*; >= 2 gives standard errors"
-    )
-    num_draws: int = _f(200, "draws recorded per chain after burn-in")
-    num_burnin: int = _f(300, "sampler steps discarded before the first draw")
-    thin: int = _f(5, "sampler steps between two recorded draws")
+    num_chains: int = _f(8, "independent chains, all started at w*; >= 2 gives standard errors")
+    num_draws: int = _f(500, "draws recorded per chain after burn-in")
+    num_burnin: int = _f(200, "sampler steps discarded before the first draw")
+    thin: int = _f(10, "sampler steps between two recorded draws")
     step_size: float | Literal["auto"] = _f(
         "auto",
-        "SGLD step size ε, or 'auto' = 0.5/(nβ·λ_max + γ) from a power-iteration estimate of "
-        "the top Hessian eigenvalue λ_max at w* (×rmsprop_eps for 'rmsprop'); lower it if a "
-        "chain diverges",
+        "step size (ε for 'sgld'/'rmsprop', time step h for 'kinetic'), or 'auto' from a "
+        "power-iteration estimate of the top Hessian eigenvalue λ_max at w*: h = "
+        "1/sqrt(nβ·λ_max + γ), ε = 0.5/(nβ·λ_max + γ) (×rmsprop_eps for 'rmsprop'); lower it "
+        "if a chain diverges",
     )
-    nbeta: float = _f(1000.0, "inverse temperature nβ multiplying the mean training loss")
-    gamma: float = _f(100.0, "localisation strength γ pulling samples towards w*")
+    nbeta: float | Literal["auto"] = _f(
+        "auto",
+        "inverse temperature nβ multiplying the mean training loss, or 'auto' = γ·condition/"
+        "λ_max: the damping γ/nβ is then λ_max(H)/condition",
+    )
+    gamma: float | Literal["auto"] = _f(
+        "auto",
+        "localisation strength γ pulling samples towards w*, or 'auto' = P/(radius²·||w*||²): "
+        "flat directions spread by radius × the weights' RMS",
+    )
+    condition: float = _f(
+        300.0,
+        "with nbeta='auto': target condition number λ_max(H)/damping of the sampled posterior",
+    )
+    radius: float = _f(
+        0.1,
+        "with gamma='auto': per-coordinate spread of flat directions relative to the RMS of w*",
+    )
     batch_size: int | None = _f(
         None, "minibatch size for SGLD gradients; None = full batch (exact gradients)"
     )
-    sampler: SamplerName = _f("sgld", "'sgld' or 'rmsprop' (RMSProp-preconditioned SGLD)")
+    sampler: SamplerName = _f(
+        "kinetic",
+        "'sgld', 'rmsprop' (RMSProp-preconditioned SGLD) or 'kinetic' (underdamped Langevin, "
+        "BAOAB; step_size is then its time step h)",
+    )
+    friction: float | Literal["auto"] = _f(
+        "auto",
+        "friction f of the 'kinetic' sampler, or 'auto' = 2·sqrt(γ): critical damping of the "
+        "flattest direction of the posterior",
+    )
     rmsprop_alpha: float = _f(0.99, "RMSProp decay α of the squared-gradient average")
     rmsprop_eps: float = _f(0.1, "RMSProp ε in the preconditioner 1/(sqrt(V)+ε)")
     chunk_size: int = _f(512, "examples per forward pass when evaluating losses at a draw")
@@ -84,17 +108,21 @@ class BIFConfig:
                 "batch_size must be a positive integer or None (full batch), "
                 f"got {self.batch_size!r}."
             )
-        if self.step_size != "auto" and isinstance(self.step_size, str):
-            raise ConfigError(f"step_size must be a number or 'auto', got {self.step_size!r}.")
+        for name in ("step_size", "nbeta", "gamma"):
+            v = getattr(self, name)
+            if v != "auto" and isinstance(v, str):
+                raise ConfigError(f"{name} must be a number or 'auto', got {v!r}.")
         hints = {
             "step_size": "use 'auto', or try 1e-4 and lower it further if chains diverge",
             "nbeta": "a typical value is of the order of the training-set size",
             "gamma": "larger gamma keeps samples closer to the checkpoint",
             "rmsprop_eps": "the authors' default is 0.1",
         }
+        hints["condition"] = "300 means damping = λ_max/300"
+        hints["radius"] = "0.1 lets flat directions move by 10% of the weights' RMS"
         for name, hint in hints.items():
             v = getattr(self, name)
-            if name == "step_size" and v == "auto":
+            if name in ("step_size", "nbeta", "gamma") and v == "auto":
                 continue
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise ConfigError(f"{name} must be a number, got {v!r}.")
@@ -102,8 +130,19 @@ class BIFConfig:
                 raise ConfigError(f"{name} must be finite and > 0, got {v!r}; {hint}.")
         if not (0.0 < self.rmsprop_alpha < 1.0):
             raise ConfigError(f"rmsprop_alpha must lie in (0, 1), got {self.rmsprop_alpha!r}.")
-        if self.sampler not in ("sgld", "rmsprop"):
-            raise ConfigError(f"sampler must be 'sgld' or 'rmsprop', got {self.sampler!r}.")
+        if self.sampler not in ("sgld", "rmsprop", "kinetic"):
+            raise ConfigError(
+                f"sampler must be 'sgld', 'rmsprop' or 'kinetic', got {self.sampler!r}."
+            )
+        if self.friction != "auto" and (
+            isinstance(self.friction, bool)
+            or not isinstance(self.friction, int | float)
+            or not math.isfinite(self.friction)
+            or self.friction <= 0
+        ):
+            raise ConfigError(
+                f"friction must be a positive number or 'auto', got {self.friction!r}."
+            )
         if self.centering not in ("chain", "pooled"):
             raise ConfigError(f"centering must be 'chain' or 'pooled', got {self.centering!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -111,7 +150,10 @@ class BIFConfig:
 
     @property
     def damping(self) -> float:
-        """Equivalent damping λ = γ / nβ of the classical influence function."""
+        """Equivalent damping λ = γ / nβ of the classical influence function (nan while either
+        is still 'auto', i.e. before :func:`bif.attribute` resolves them)."""
+        if isinstance(self.gamma, str) or isinstance(self.nbeta, str):
+            return math.nan
         return self.gamma / self.nbeta
 
     @property

@@ -1,4 +1,5 @@
-"""``bif bench`` (registered by :mod:`bif.cli`): the LDS table of a setting, or a BIF sweep."""
+"""``bif bench`` (registered by :mod:`bif.cli`): the LDS table of a setting, a BIF sweep, or
+mislabel detection (``--mislabel``, :mod:`bif.bench.mislabel`)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ def add_bench_parser(sub: Any, add_config_flags: Any) -> None:
     bench.add_argument("--chains", type=_ints, default=(2, 4, 8, 16), help="sweep: chain counts")
     bench.add_argument("--draws", type=_ints, default=(25, 50, 100, 200, 400), help="sweep: draws")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bench.add_argument(
+        "--mislabel", action="store_true",
+        help="mislabel detection instead: flip --flip-fraction of the training labels, retrain, "
+        "rank examples by self-influence (AUC, recall@10%%); methods default to "
+        "bif,grad-dot,if-exact,loss ('loss' = training loss, a baseline for this mode only)",
+    )  # fmt: skip
+    bench.add_argument("--flip-fraction", type=float, default=0.1,
+                       help="--mislabel: share of training labels flipped")  # fmt: skip
     add_config_flags(bench)
 
 
@@ -54,7 +63,34 @@ def cmd_bench(args: argparse.Namespace, bif_options: dict[str, Any]) -> int:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    if args.sweep:
+    if args.sweep and args.mislabel:
+        raise ConfigError("--sweep and --mislabel are separate experiments; choose one.")
+    if args.mislabel:
+        from bif.bench.mislabel import (
+            DEFAULT_MISLABEL_METHODS,
+            MISLABEL_METHODS,
+            format_mislabel_table,
+            run_mislabel,
+        )
+        from bif.bench.runner import DEFAULT_METHODS
+
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if args.methods == ",".join(DEFAULT_METHODS):  # --methods left at the LDS default
+            methods = DEFAULT_MISLABEL_METHODS
+        unknown = [m for m in methods if m not in MISLABEL_METHODS]
+        if unknown:
+            raise ConfigError(
+                f"unknown method(s) {unknown}; choose from {sorted(MISLABEL_METHODS)}."
+            )
+        print(f"bif bench {args.setting} --mislabel: {args.flip_fraction:g} of the training "
+              f"labels flipped; {', '.join(methods)}", flush=True)  # fmt: skip
+        rows = run_mislabel(args.setting, methods, args.flip_fraction, out_dir=args.out,
+                            method_options={"bif": bif_options},
+                            on_row=lambda r: print(f"  done {r.method}", flush=True),
+                            n_boot=args.n_boot)  # fmt: skip
+        print(format_mislabel_table(rows))
+        print(f"wrote {args.out / (args.setting + '-mislabel.json')}")
+    elif args.sweep:
         print(f"bif bench {args.setting} --sweep: chains {args.chains} × draws {args.draws}")
         print(f"{'chains':>6} {'draws':>6} {'LDS':>7}  {'95% interval':<17} {'time (s)':>9}")
 

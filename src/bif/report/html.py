@@ -170,8 +170,9 @@ def render_report(
     wall = f" · sampling {secs:.1f} s" if isinstance(secs, int | float) else ""
     summary = (
         f"{result.num_train} training examples · {result.num_queries} queries · "
-        f"{cfg.num_chains} chains × {cfg.num_draws} draws ({cfg.sampler}, ε={_fmt(cfg.step_size)}, "
-        f"nβ={cfg.nbeta:g}, γ={cfg.gamma:g}, damping γ/nβ={cfg.damping:.3g}){wall}"
+        f"{cfg.num_chains} chains × {cfg.num_draws} draws ({cfg.sampler}, "
+        f"step={_fmt(cfg.step_size)}, "
+        f"nβ={_fmt(cfg.nbeta)}, γ={_fmt(cfg.gamma)}, damping γ/nβ={_fmt(cfg.damping)}){wall}"
     )
     phi = e(observable)
     explainer = (

@@ -22,13 +22,14 @@ from tqdm.auto import tqdm
 
 from bif import checkpoint
 from bif.config import BIFConfig
+from bif.curvature import auto_friction
 from bif.data import DataSource, stack_chain_batches
-from bif.errors import DivergenceError
+from bif.errors import ConfigError, DivergenceError
 from bif.estimator import Moments, init_moments, update_moments
 from bif.functional import FunctionalModel, Params, mean_loss_and_grad, per_chain
 from bif.observables import Evaluator, query_observables, train_losses
 from bif.posterior import LocalPosterior
-from bif.sampler import rmsprop, sgld
+from bif.sampler import kinetic, rmsprop, sgld
 from bif.sampler.rng import ChainRandom
 from bif.task import Task
 
@@ -83,6 +84,13 @@ def run_chains(
     With ``run_dir``, the state is saved every ``checkpoint_every`` draws and at the end of each
     chain group; a later call with the same config and model resumes from it.
     """
+    unresolved = [k for k in ("step_size", "nbeta", "gamma") if getattr(cfg, k) == "auto"]
+    if unresolved:
+        raise ConfigError(
+            f"run_chains needs numeric {unresolved}; bif.attribute resolves 'auto' values."
+        )
+    if cfg.friction == "auto":
+        cfg = cfg.replace(friction=auto_friction(cfg))
     device = fmodel.device
     C, D, T = cfg.num_chains, cfg.num_draws, cfg.steps_per_chain
     N, Q = len(train), len(query)
@@ -152,7 +160,9 @@ def run_chains(
             k: v.unsqueeze(0).expand(len(chains), *v.shape).clone()
             for k, v in fmodel.w_star.items()
         }
-        state: Any = (sgld.init if cfg.sampler == "sgld" else rmsprop.init)(stacked)
+        state: Any = {"sgld": sgld.init, "rmsprop": rmsprop.init, "kinetic": kinetic.init}[
+            cfg.sampler
+        ](stacked)
         t0 = 0
         if resume_group is not None and resume_group["group"] == gi:
             t0 = resume_group["step"]
@@ -178,6 +188,8 @@ def run_chains(
             pgrad = posterior.potential_grad(state.params, grads)
             if cfg.sampler == "sgld":
                 state, _ = sgld.step(state, pgrad, noise, cfg.step_size)
+            elif cfg.sampler == "kinetic":
+                state, _ = kinetic.step(state, pgrad, noise, cfg.step_size, cfg.friction)
             else:
                 state, _ = rmsprop.step(
                     state, pgrad, grads, noise, cfg.step_size, cfg.rmsprop_alpha, cfg.rmsprop_eps
