@@ -55,8 +55,8 @@ def test_auto_rules_match_their_formulas() -> None:
     lam = exact_lambda_max(model, *train)
     assert meta["lambda_max"] == pytest.approx(lam, rel=1e-2)
     assert cfg.gamma == pytest.approx(num / (0.1**2 * w_sq))
-    assert cfg.nbeta == pytest.approx(cfg.gamma * 300 / meta["lambda_max"])
-    assert cfg.damping == pytest.approx(meta["lambda_max"] / 300)
+    assert cfg.nbeta == pytest.approx(cfg.gamma * 150 / meta["lambda_max"])
+    assert cfg.damping == pytest.approx(meta["lambda_max"] / 150)
     assert cfg.step_size == pytest.approx(1 / math.sqrt(cfg.nbeta * meta["lambda_max"] + cfg.gamma))
     assert cfg.friction == pytest.approx(2 * math.sqrt(cfg.gamma))
     assert meta["auto"] == ["friction", "gamma", "nbeta", "step_size"]

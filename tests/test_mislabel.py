@@ -172,3 +172,14 @@ def test_cli_default_methods_and_bif_flags(reduced: str, monkeypatch, tmp_path, 
     assert [r["method"] for r in doc["rows"]] == ["loss", "bif"]
     assert doc["rows"][1]["options"] == {"num_chains": 2, "num_draws": 10, "num_burnin": 20,
                                          "thin": 1}  # fmt: skip
+
+
+def test_cli_if_damping_reaches_the_influence_functions(reduced: str, tmp_path, capsys) -> None:
+    argv = ["bench", reduced, "--mislabel", "--methods", "if-exact", "--if-damping", "0.05",
+            "--n-boot", "50", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / f"{reduced}-mislabel.json").read_text())
+    assert doc["rows"][0]["options"] == {"damping": 0.05}
+    assert doc["rows"][0]["error"] is None
+    assert main(["bench", reduced, "--if-damping", "0", "--methods", "grad-dot"]) == 2
+    assert "--if-damping must be > 0" in capsys.readouterr().err

@@ -52,7 +52,7 @@ class BIFConfig:
         "flat directions spread by radius × the weights' RMS",
     )
     condition: float = _f(
-        300.0,
+        150.0,
         "with nbeta='auto': target condition number λ_max(H)/damping of the sampled posterior",
     )
     radius: float = _f(
@@ -118,7 +118,7 @@ class BIFConfig:
             "gamma": "larger gamma keeps samples closer to the checkpoint",
             "rmsprop_eps": "the authors' default is 0.1",
         }
-        hints["condition"] = "300 means damping = λ_max/300"
+        hints["condition"] = "150 means damping = λ_max/150"
         hints["radius"] = "0.1 lets flat directions move by 10% of the weights' RMS"
         for name, hint in hints.items():
             v = getattr(self, name)

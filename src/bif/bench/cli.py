@@ -48,6 +48,10 @@ def add_bench_parser(sub: Any, add_config_flags: Any) -> None:
         "rank examples by self-influence (AUC, recall@10%%); methods default to "
         "bif,grad-dot,if-exact,loss ('loss' = training loss, a baseline for this mode only)",
     )  # fmt: skip
+    bench.add_argument(
+        "--if-damping", type=float, default=None,
+        help="damping λ of if-exact, if-cg and if-lissa (default: the bench's fixed 1e-3)",
+    )  # fmt: skip
     bench.add_argument("--flip-fraction", type=float, default=0.1,
                        help="--mislabel: share of training labels flipped")  # fmt: skip
     add_config_flags(bench)
@@ -63,6 +67,11 @@ def cmd_bench(args: argparse.Namespace, bif_options: dict[str, Any]) -> int:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}.")
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    options: dict[str, dict[str, Any]] = {"bif": bif_options}
+    if args.if_damping is not None:
+        if not args.if_damping > 0:
+            raise ConfigError(f"--if-damping must be > 0, got {args.if_damping}.")
+        options.update({m: {"damping": args.if_damping} for m in ("if-exact", "if-cg", "if-lissa")})
     if args.sweep and args.mislabel:
         raise ConfigError("--sweep and --mislabel are separate experiments; choose one.")
     if args.mislabel:
@@ -85,7 +94,7 @@ def cmd_bench(args: argparse.Namespace, bif_options: dict[str, Any]) -> int:
         print(f"bif bench {args.setting} --mislabel: {args.flip_fraction:g} of the training "
               f"labels flipped; {', '.join(methods)}", flush=True)  # fmt: skip
         rows = run_mislabel(args.setting, methods, args.flip_fraction, out_dir=args.out,
-                            method_options={"bif": bif_options},
+                            method_options=options,
                             on_row=lambda r: print(f"  done {r.method}", flush=True),
                             n_boot=args.n_boot)  # fmt: skip
         print(format_mislabel_table(rows))
@@ -108,7 +117,7 @@ def cmd_bench(args: argparse.Namespace, bif_options: dict[str, Any]) -> int:
         if unknown:
             raise ConfigError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}.")
         print(f"bif bench {args.setting}: {', '.join(methods)}", flush=True)
-        rows = run_bench(args.setting, methods, args.out, {"bif": bif_options}, args.n_boot,
+        rows = run_bench(args.setting, methods, args.out, options, args.n_boot,
                          on_row=lambda r: print(f"  done {r.method}", flush=True))  # fmt: skip
         print(format_table(rows))
         print(f"wrote {args.out / (args.setting + '.json')} and .png")
