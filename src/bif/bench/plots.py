@@ -41,6 +41,14 @@ def sweep_chart(points: Sequence[Any], title: str, path: Path) -> None:
                     yerr=[[p.lds - p.ci_low for p in pts], [p.ci_high - p.lds for p in pts]],
                     marker="o", capsize=3, label=f"{chains} chains")  # fmt: skip
     ax.set_xscale("log")
+    # Plain numbers at the measured totals; matplotlib's minor log labels collide here.
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    totals = sorted({p.num_chains * p.num_draws for p in points})
+    ax.xaxis.set_major_locator(FixedLocator(totals))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.tick_params(axis="x", labelrotation=45)
     ax.set_xlabel("draws in total (chains × draws per chain)")
     ax.set_ylabel("LDS")
     ax.set_title(title)
