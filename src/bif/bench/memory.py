@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import resource
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import torch
 
+T = TypeVar("T")
 _STATUS = Path("/proc/self/status")
 _CLEAR = Path("/proc/self/clear_refs")
 
@@ -59,3 +63,12 @@ class PeakMemory:
         self.peak_mb = kb / 1024
         if torch.cuda.is_available():
             self.peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+def measured(fn: Callable[[], T]) -> tuple[T, float, float]:
+    """Run ``fn()``; return its value, its wall time in seconds and its peak memory in MB."""
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        value = fn()
+        seconds = time.perf_counter() - t0
+    return value, seconds, mem.peak_mb

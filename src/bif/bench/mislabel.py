@@ -23,8 +23,6 @@ import dataclasses
 import json
 import logging
 import math
-import platform
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,15 +31,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from bif import __version__
 from bif.baselines.base import AttributionContext
 from bif.baselines.gradsim import eval_mode
-from bif.bench.memory import PeakMemory
-from bif.bench.runner import METHODS, make_context
+from bif.bench.memory import measured
+from bif.bench.runner import METHODS, collect_rows, environment_meta, make_context
 from bif.bench.settings import load_setting
-from bif.errors import ConfigError, DataError, ShapeError
-from bif.eval.correlation import rankdata
-from bif.eval.metrics import flip_labels, mislabel_auc
+from bif.errors import ConfigError, DataError
+from bif.eval.correlation import rankdata, roc_auc
+from bif.eval.metrics import check_flip_pair, flip_labels, suspicion
 from bif.eval.retrain import train_reference
 from bif.task import make_task
 
@@ -126,28 +123,12 @@ class MislabelRow:
     error: str | None = None
 
 
-def suspicion_of(self_influence: Tensor, direction: Direction) -> Tensor:
-    """Self-influence ``[N]`` turned into suspicion ``[N]`` (float64, CPU; larger = suspicious)."""
-    if direction not in ("negative", "positive"):
-        raise ConfigError(f"direction must be 'negative' or 'positive', got {direction!r}.")
-    s = self_influence.detach().to("cpu", F64)
-    return -s if direction == "negative" else s
-
-
 def _check_pair(suspicion: Tensor, is_flipped: Tensor) -> None:
-    if suspicion.dim() != 1 or is_flipped.shape != suspicion.shape:
-        raise ShapeError(
-            f"suspicion and is_flipped must both be [N]; got {tuple(suspicion.shape)} and "
-            f"{tuple(is_flipped.shape)}."
-        )
-    if is_flipped.dtype != torch.bool:
-        raise ShapeError(f"is_flipped must be a bool tensor, got {is_flipped.dtype}.")
+    check_flip_pair(suspicion, is_flipped, "suspicion")
     n_pos = int(is_flipped.sum())
     if n_pos == 0 or n_pos == is_flipped.numel():
         raise DataError(f"need both flipped and clean examples; got {n_pos} of "
                         f"{is_flipped.numel()} flipped.")  # fmt: skip
-    if not bool(torch.isfinite(suspicion).all()):
-        raise DataError("suspicion contains NaN or inf.")
 
 
 def recall_at(suspicion: Tensor, is_flipped: Tensor, share: float = RECALL_SHARE) -> float:
@@ -248,18 +229,15 @@ def run_mislabel_method(
         compute = getattr(method, "self_influence", None)
         if compute is None:
             raise ConfigError(f"{name} has no self-influence; mislabel detection needs one.")
-        with PeakMemory() as mem:
-            t0 = time.perf_counter()
-            self_influence = compute(ctx)
-            seconds = time.perf_counter() - t0
+        self_influence, seconds, peak_mb = measured(lambda: compute(ctx))
     except (ImportError, ConfigError) as e:
         log.warning("%s skipped: %s", name, e)
         return _skipped(name, options, str(e))
-    auc = mislabel_auc(self_influence, is_flipped, direction)
-    suspicion = suspicion_of(self_influence, direction)
-    lo, hi = bootstrap_auc_ci(suspicion, is_flipped, n_boot, 0.95, seed)
-    recall = recall_at(suspicion, is_flipped, RECALL_SHARE)
-    return MislabelRow(name, auc, lo, hi, recall, seconds, mem.peak_mb, direction, options)
+    susp = suspicion(self_influence, is_flipped, direction)
+    auc = roc_auc(susp, is_flipped)  # = mislabel_auc(self_influence, is_flipped, direction)
+    lo, hi = bootstrap_auc_ci(susp, is_flipped, n_boot, 0.95, seed)
+    recall = recall_at(susp, is_flipped, RECALL_SHARE)
+    return MislabelRow(name, auc, lo, hi, recall, seconds, peak_mb, direction, options)
 
 
 def run_mislabel(
@@ -309,13 +287,12 @@ def run_mislabel(
     flipped = dataclasses.replace(setting, y_train=y_flipped)
     model = train_reference(flipped)  # the setting's own recipe, on the flipped labels
     ctx = make_context(flipped, model)
-    rows = []
-    for name in methods:
-        row = run_mislabel_method(name, ctx, is_flipped, (method_options or {}).get(name),
-                                  n_boot, seed)  # fmt: skip
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
+    options = method_options or {}
+
+    def run_one(name: str) -> MislabelRow:
+        return run_mislabel_method(name, ctx, is_flipped, options.get(name), n_boot, seed)
+
+    rows = collect_rows(methods, run_one, on_row)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -330,10 +307,7 @@ def run_mislabel(
         "test_accuracy": flipped.accuracy(model),
         "train_accuracy_on_flipped_labels": flipped.accuracy(model, "train"),
         "flipped_indices": is_flipped.nonzero().squeeze(1).tolist(),
-        "bif_version": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
+        **environment_meta(),
     }
     doc = {"meta": meta, "rows": [asdict(r) for r in rows]}
     (out / f"{setting_name}-mislabel.json").write_text(json.dumps(doc, indent=1))

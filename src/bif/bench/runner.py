@@ -12,17 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from bif import __version__
 from bif.baselines.base import AttributionContext, Attributor
-from bif.bench.memory import PeakMemory
+from bif.bench.memory import measured
 from bif.bench.settings import Setting, load_setting
 from bif.errors import ConfigError
 from bif.eval.metrics import lds
@@ -144,17 +143,40 @@ def run_method(
     options = dict(options or {})
     try:
         method = METHODS[name](**options)
-        with PeakMemory() as mem:
-            t0 = time.perf_counter()
-            scores = method.scores(ctx)
-            seconds = time.perf_counter() - t0
+        scores, seconds, peak_mb = measured(lambda: method.scores(ctx))
         res = lds(scores, gt_masks, gt_targets, n_boot=n_boot)
-        return BenchRow(name, res.mean, res.ci_low, res.ci_high, seconds, mem.peak_mb,
+        return BenchRow(name, res.mean, res.ci_low, res.ci_high, seconds, peak_mb,
                         res.num_excluded, options)  # fmt: skip
     except (ImportError, ConfigError) as e:
         log.warning("%s skipped: %s", name, e)
         nan = float("nan")
         return BenchRow(name, nan, nan, nan, nan, nan, 0, options, error=str(e))
+
+
+R = TypeVar("R")
+
+
+def collect_rows(
+    methods: tuple[str, ...], run_one: Callable[[str], R], on_row: Callable[[R], None] | None
+) -> list[R]:
+    """``run_one(name)`` for every method in order, reporting each row as soon as it is done."""
+    rows = []
+    for name in methods:
+        row = run_one(name)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+def environment_meta() -> dict[str, Any]:
+    """Library versions and torch threads, recorded with every benchmark artefact."""
+    return {
+        "bif_version": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def run_bench(
@@ -171,13 +193,13 @@ def run_bench(
     gt.check_setting(setting)
     model = train_reference(setting)
     ctx = make_context(setting, model)
-    rows = []
-    for name in methods:
-        row = run_method(name, ctx, gt.masks, gt.mean_targets(),
-                         (method_options or {}).get(name), n_boot)  # fmt: skip
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
+    options = method_options or {}
+    masks, targets = gt.masks, gt.mean_targets()
+
+    def run_one(name: str) -> BenchRow:
+        return run_method(name, ctx, masks, targets, options.get(name), n_boot)
+
+    rows = collect_rows(methods, run_one, on_row)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -187,10 +209,7 @@ def run_bench(
         "num_subsets": gt.num_subsets,
         "num_seeds": gt.num_seeds,
         "test_accuracy": setting.accuracy(model),
-        "bif_version": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
+        **environment_meta(),
     }
     doc = {"meta": meta, "rows": [asdict(r) for r in rows]}
     (out / f"{setting_name}.json").write_text(json.dumps(doc, indent=1))

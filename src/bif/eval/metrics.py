@@ -279,18 +279,35 @@ def mislabel_auc(
     Returns:
         AUC in [0, 1]: 1 = every flipped example ranked above every clean one, 0.5 = chance.
     """
-    if direction not in ("negative", "positive"):
-        raise ConfigError(f"direction must be 'negative' or 'positive', got {direction!r}.")
-    if self_influence.dim() != 1 or is_flipped.shape != self_influence.shape:
+    return roc_auc(suspicion(self_influence, is_flipped, direction), is_flipped)
+
+
+def check_flip_pair(values: Tensor, is_flipped: Tensor, name: str) -> None:
+    """Both ``[N]``, ``is_flipped`` bool, ``values`` finite; typed errors naming ``name``."""
+    if values.dim() != 1 or is_flipped.shape != values.shape:
         raise ShapeError(
-            f"self_influence and is_flipped must both be [N]; got {tuple(self_influence.shape)} "
+            f"{name} and is_flipped must both be [N]; got {tuple(values.shape)} "
             f"and {tuple(is_flipped.shape)}."
         )
     if is_flipped.dtype != torch.bool:
         raise ShapeError(f"is_flipped must be a bool tensor, got {is_flipped.dtype}.")
-    _finite(self_influence, "self_influence")
-    s = self_influence.to("cpu", F64)
-    return roc_auc(-s if direction == "negative" else s, is_flipped)
+    _finite(values, name)
+
+
+def suspicion(
+    self_influence: Tensor,
+    is_flipped: Tensor,
+    direction: Literal["negative", "positive"] = "negative",
+) -> Tensor:
+    """Self-influence ``[N]`` oriented so that LARGER = more suspicious (float64, CPU).
+
+    Args and checks as in :func:`mislabel_auc`.
+    """
+    if direction not in ("negative", "positive"):
+        raise ConfigError(f"direction must be 'negative' or 'positive', got {direction!r}.")
+    check_flip_pair(self_influence, is_flipped, "self_influence")
+    s = self_influence.detach().to("cpu", F64)
+    return -s if direction == "negative" else s
 
 
 def flip_labels(
