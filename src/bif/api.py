@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from bif import __version__
 from bif.checkpoint import fingerprint
-from bif.config import BIFConfig
+from bif.config import AUTO_FIELDS, BIFConfig
 from bif.curvature import (
     auto_friction,
     auto_gamma,
@@ -125,13 +125,6 @@ def attribute(
         fp = fingerprint(fmodel.w_star, len(train_src), len(query_src), task_name)
         t0 = time.perf_counter()
         cfg, lambda_max = _resolve_auto(cfg, fmodel, the_task, train_src)
-        if cfg.step_size == "auto":
-            assert lambda_max is not None
-            cfg = cfg.replace(step_size=auto_step_size(lambda_max, cfg))
-            log.info("step_size='auto': λ_max(H) = %.4g -> step_size = %.4g", lambda_max,
-                     cfg.step_size)  # fmt: skip
-        if cfg.friction == "auto":
-            cfg = cfg.replace(friction=auto_friction(cfg))
         out = run_chains(
             fmodel, the_task, train_src, query_src, cfg, progress=progress,
             run_dir=Path(run_dir) if run_dir is not None else None,
@@ -176,13 +169,11 @@ def attribute(
     )
 
 
-AUTO_FIELDS = ("friction", "gamma", "nbeta", "step_size")
-
-
 def _resolve_auto(
     cfg: BIFConfig, fmodel: FunctionalModel, task: Task, train: DataSource
 ) -> tuple[BIFConfig, float | None]:
-    """Replace 'auto' gamma and nbeta by their rules; λ_max when any rule needs it."""
+    """Replace every 'auto' field by its rule, in dependency order (γ -> nβ -> step size and
+    friction); λ_max is estimated once, only when a rule needs it."""
     lambda_max = None
     if cfg.step_size == "auto" or cfg.nbeta == "auto":
         lambda_max = _lambda_max(fmodel, task, train, cfg)
@@ -191,9 +182,14 @@ def _resolve_auto(
     if cfg.nbeta == "auto":
         assert lambda_max is not None and not isinstance(cfg.gamma, str)
         cfg = cfg.replace(nbeta=auto_nbeta(cfg.gamma, lambda_max, cfg.condition))
+    if cfg.step_size == "auto":
+        assert lambda_max is not None
+        cfg = cfg.replace(step_size=auto_step_size(lambda_max, cfg))
+    if cfg.friction == "auto":
+        cfg = cfg.replace(friction=auto_friction(cfg))
     if lambda_max is not None:
-        log.info("λ_max(H) = %.4g: nβ = %.4g, γ = %.4g, damping = %.3g", lambda_max,
-                 cfg.nbeta, cfg.gamma, cfg.damping)  # fmt: skip
+        log.info("λ_max(H) = %.4g: nβ = %.4g, γ = %.4g, damping = %.3g, step_size = %.4g",
+                 lambda_max, cfg.nbeta, cfg.gamma, cfg.damping, cfg.step_size)  # fmt: skip
     return cfg, lambda_max
 
 

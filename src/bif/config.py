@@ -15,6 +15,9 @@ from bif.errors import ConfigError
 
 SamplerName = Literal["sgld", "rmsprop", "kinetic"]
 Centering = Literal["chain", "pooled"]
+# Numeric fields that may be "auto": bif.attribute resolves them at the checkpoint.
+AUTO_NUMBERS = ("step_size", "nbeta", "gamma")
+AUTO_FIELDS = ("friction", "gamma", "nbeta", "step_size")
 
 
 def _f(default: Any, help: str) -> Any:
@@ -108,7 +111,7 @@ class BIFConfig:
                 "batch_size must be a positive integer or None (full batch), "
                 f"got {self.batch_size!r}."
             )
-        for name in ("step_size", "nbeta", "gamma"):
+        for name in AUTO_NUMBERS:
             v = getattr(self, name)
             if v != "auto" and isinstance(v, str):
                 raise ConfigError(f"{name} must be a number or 'auto', got {v!r}.")
@@ -122,7 +125,7 @@ class BIFConfig:
         hints["radius"] = "0.1 lets flat directions move by 10% of the weights' RMS"
         for name, hint in hints.items():
             v = getattr(self, name)
-            if name in ("step_size", "nbeta", "gamma") and v == "auto":
+            if name in AUTO_NUMBERS and v == "auto":
                 continue
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise ConfigError(f"{name} must be a number, got {v!r}.")

@@ -21,8 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from bif import checkpoint
-from bif.config import BIFConfig
-from bif.curvature import auto_friction
+from bif.config import AUTO_FIELDS, BIFConfig
 from bif.data import DataSource, stack_chain_batches
 from bif.errors import ConfigError, DivergenceError
 from bif.estimator import Moments, init_moments, update_moments
@@ -84,13 +83,11 @@ def run_chains(
     With ``run_dir``, the state is saved every ``checkpoint_every`` draws and at the end of each
     chain group; a later call with the same config and model resumes from it.
     """
-    unresolved = [k for k in ("step_size", "nbeta", "gamma") if getattr(cfg, k) == "auto"]
+    unresolved = [k for k in AUTO_FIELDS if getattr(cfg, k) == "auto"]
     if unresolved:
         raise ConfigError(
             f"run_chains needs numeric {unresolved}; bif.attribute resolves 'auto' values."
         )
-    if cfg.friction == "auto":
-        cfg = cfg.replace(friction=auto_friction(cfg))
     device = fmodel.device
     C, D, T = cfg.num_chains, cfg.num_draws, cfg.steps_per_chain
     N, Q = len(train), len(query)
