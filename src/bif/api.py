@@ -152,6 +152,7 @@ def attribute(
         "resumed": out.resumed,
         "fingerprint": fp,
         "model_was_training": was_training,
+        "per_token": out.tokens is not None,
     }
     return BIFResult(
         scores=est.scores.cpu(),
@@ -166,6 +167,7 @@ def attribute(
         query_star=query_star,
         config=cfg,
         meta=meta,
+        tokens=out.tokens,
     )
 
 

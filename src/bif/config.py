@@ -83,6 +83,11 @@ class BIFConfig:
         "chain", "'chain': average per-chain covariances; 'pooled': one covariance of all draws"
     )
     seed: int = _f(0, "seed of every chain's noise and minibatches (chain c uses seed, c)")
+    max_token_trace_mb: float = _f(
+        4096.0,
+        "causal-LM tasks: refuse to start if the per-token traces (4 bytes per token per draw) "
+        "would exceed this many MB",
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -123,6 +128,7 @@ class BIFConfig:
         }
         hints["condition"] = "150 means damping = λ_max/150"
         hints["radius"] = "0.1 lets flat directions move by 10% of the weights' RMS"
+        hints["max_token_trace_mb"] = "traces are kept in memory; restrict the tokens instead"
         for name, hint in hints.items():
             v = getattr(self, name)
             if name in AUTO_NUMBERS and v == "auto":

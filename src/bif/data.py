@@ -7,7 +7,7 @@ and random minibatches for the SGLD gradient. A ``DataLoader`` contributes its d
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -36,7 +36,8 @@ class DataSource:
     """A fixed, indexable collection of examples yielding collated batches on ``device``.
 
     Args:
-        data: ``(inputs, targets)`` tensors with a common first dimension, a map-style
+        data: ``(inputs, targets)`` tensors with a common first dimension, a dict of such
+            tensors (batches are then dicts, e.g. ``input_ids``/``attention_mask``), a map-style
             ``Dataset``, or a ``DataLoader`` over one.
         name: used in error messages ("train", "query").
         device: where batches are placed.
@@ -56,10 +57,22 @@ class DataSource:
         self._tensors: tuple[Tensor, ...] | None = None
         self._dataset: Dataset | None = None
         self._collate = default_collate
+        self._mapping_keys: tuple[str, ...] | None = None
         if isinstance(data, DataLoader):
             self._dataset = data.dataset
             if data.collate_fn is not None:
                 self._collate = data.collate_fn
+        elif isinstance(data, Mapping) and all(isinstance(t, Tensor) for t in data.values()):
+            # A dict of tensors, e.g. {"input_ids": [N, S], "attention_mask": [N, S]} for an LM.
+            self._mapping_keys = tuple(data)
+            data = tuple(data.values())
+            lengths = {int(t.shape[0]) if t.dim() else -1 for t in data}
+            if len(lengths) != 1 or -1 in lengths:
+                shapes = {k: tuple(t.shape) for k, t in zip(self._mapping_keys, data, strict=True)}
+                raise DataError(
+                    f"{name} tensors must share their first (example) dimension; got {shapes}."
+                )
+            self._tensors = tuple(_to(t, self.device, dtype) for t in data)
         elif isinstance(data, tuple | list) and all(isinstance(t, Tensor) for t in data):
             if len(data) == 0:
                 raise DataError(f"{name} data is an empty tuple; pass (inputs, targets).")
@@ -75,8 +88,9 @@ class DataSource:
             self._dataset = data
         else:
             raise DataError(
-                f"{name} data must be a pair of tensors (inputs, targets), a torch Dataset or a "
-                f"DataLoader; got {type(data).__name__}."
+                f"{name} data must be a pair of tensors (inputs, targets), a dict of tensors "
+                f"(e.g. input_ids and attention_mask), a torch Dataset or a DataLoader; got "
+                f"{type(data).__name__}."
             )
         if self._dataset is not None:
             try:
@@ -101,6 +115,8 @@ class DataSource:
         if self._tensors is not None:
             idx = index.to(self._tensors[0].device)
             parts = tuple(t[idx] for t in self._tensors)
+            if self._mapping_keys is not None:
+                return dict(zip(self._mapping_keys, parts, strict=True))
             return parts if len(parts) != 1 else parts[0]
         assert self._dataset is not None
         items = [self._dataset[int(i)] for i in index.tolist()]

@@ -29,6 +29,12 @@ class Evaluator:
 
     Collated chunks are cached after the first pass: evaluation sets are fixed, and re-collating
     a ``Dataset`` at every draw would dominate the cost for small models.
+
+    With ``tokens=True`` (a task with ``token_losses``/``token_mask``, e.g. a causal LM) one
+    forward pass gives the per-token losses; the per-sample value is their float64 sum over the
+    attributed positions, so sequence-level statistics are exactly sums of token-level ones.
+    ``token_index`` then holds ``[K, 2]`` (example, position) of the ``K`` attributed tokens, in
+    the order of :meth:`evaluate`'s token values.
     """
 
     def __init__(
@@ -39,25 +45,61 @@ class Evaluator:
         what: PerSample,
         chunk_size: int,
         vmapped: bool,
+        tokens: bool = False,
     ) -> None:
         self.source = source
         self.chunk_size = chunk_size
+        self.tokens = tokens
+        self._task = task
         self._chunks: list[Any] | None = None
+        self._masks: list[Tensor] = []
+        self._index: Tensor | None = None
 
         def one_chain(params: Params, batch: Any) -> Tensor:
-            return what(task, fmodel.model_fn(params), batch)
+            model = fmodel.model_fn(params)
+            if tokens:
+                return task.token_losses(model, batch)  # type: ignore[attr-defined]
+            return what(task, model, batch)
 
         self._fn = per_chain(one_chain, vmapped, batch_in_dim=None)
 
     def chunks(self) -> list[Any]:
         if self._chunks is None:
             self._chunks = [b for _, b in self.source.chunks(self.chunk_size)]
+            if self.tokens:
+                self._masks = [self._task.token_mask(b) for b in self._chunks]  # type: ignore[attr-defined]
         return self._chunks
 
+    @property
+    def token_index(self) -> Tensor:
+        """``[K, 2]`` long: (example index, position) of every attributed token, in order."""
+        if self._index is None:
+            self.chunks()
+            parts, start = [], 0
+            for m in self._masks:
+                nz = m.nonzero().cpu()
+                nz[:, 0] += start
+                parts.append(nz)
+                start += m.shape[0]
+            self._index = torch.cat(parts) if parts else torch.zeros(0, 2, dtype=torch.long)
+        return self._index
+
     @torch.no_grad()
+    def evaluate(self, params: Params) -> tuple[Tensor, Tensor | None]:
+        """Per-sample values ``[G, len(source)]`` and, in token mode, token values ``[G, K]``."""
+        chunks = self.chunks()
+        if not self.tokens:
+            return torch.cat([self._fn(params, b) for b in chunks], dim=1), None
+        seq, tok = [], []
+        for b, m in zip(chunks, self._masks, strict=True):
+            t = self._fn(params, b).float()  # [G, B, S]
+            seq.append(torch.where(m, t, 0).double().sum(-1))
+            tok.append(t[:, m])
+        return torch.cat(seq, dim=1), torch.cat(tok, dim=1)
+
     def __call__(self, params: Params) -> Tensor:
         """Per-sample values ``[G, len(source)]`` at chain-stacked ``params`` ``[G, ...]``."""
-        return torch.cat([self._fn(params, b) for b in self.chunks()], dim=1)
+        return self.evaluate(params)[0]
 
 
 def check_per_sample(values: Any, batch_len: int, what: str) -> Tensor:

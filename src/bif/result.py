@@ -13,6 +13,7 @@ from torch import Tensor
 
 from bif.config import BIFConfig
 from bif.errors import ArtifactError
+from bif.tokens import TOKENS_FILE, TokenTraces
 
 TENSORS_FILE = "result.safetensors"
 META_FILE = "result.json"
@@ -63,6 +64,8 @@ class BIFResult:
         query_star: ``[Q]`` query observables at w*.
         config: the hyperparameters used.
         meta: library version, sizes, timing, device.
+        tokens: per-token traces and token-level estimates (:class:`bif.tokens.TokenTraces`)
+            for tasks with per-token losses, such as :class:`bif.lm.CausalLMTask`; else None.
     """
 
     scores: Tensor
@@ -77,6 +80,7 @@ class BIFResult:
     query_star: Tensor
     config: BIFConfig
     meta: dict[str, Any] = field(default_factory=dict)
+    tokens: TokenTraces | None = None
 
     _TENSORS = (
         "scores", "stderr", "correlation", "self_influence", "self_influence_stderr",
@@ -113,6 +117,8 @@ class BIFResult:
         )
         meta = {"config": self.config.to_dict(), "meta": self.meta}
         (path / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        if self.tokens is not None:
+            self.tokens.save(path)
         return path
 
     @classmethod
@@ -128,4 +134,5 @@ class BIFResult:
             **{n: tensors[n] for n in cls._TENSORS},
             config=BIFConfig.from_dict(meta["config"]),
             meta=meta.get("meta", {}),
+            tokens=TokenTraces.load(path) if (path / TOKENS_FILE).exists() else None,
         )

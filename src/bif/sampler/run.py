@@ -26,11 +26,13 @@ from bif.data import DataSource, stack_chain_batches
 from bif.errors import ConfigError, DivergenceError
 from bif.estimator import Moments, init_moments, update_moments
 from bif.functional import FunctionalModel, Params, mean_loss_and_grad, per_chain
+from bif.lm.task import is_token_task
 from bif.observables import Evaluator, query_observables, train_losses
 from bif.posterior import LocalPosterior
 from bif.sampler import kinetic, rmsprop, sgld
 from bif.sampler.rng import ChainRandom
 from bif.task import Task
+from bif.tokens import TokenTraces
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class RunOutput:
     step_loss: Tensor  # [C, T] minibatch (or full-batch) mean loss at each sampler step
     query_trace: Tensor  # [C, D, Q] query observables at each draw
     resumed: bool
+    tokens: TokenTraces | None = None  # per-token traces, for tasks with token_losses
 
 
 # A draw whose energy U(w) - U(w*) exceeds this many times (P + 10) is a runaway chain. Under the
@@ -94,8 +97,21 @@ def run_chains(
     vm = cfg.vmap_chains
     groups = [list(range(C))] if vm else [[c] for c in range(C)]
     posterior = LocalPosterior(cfg.nbeta, cfg.gamma, fmodel.w_star)
-    eval_train = Evaluator(fmodel, task, train, train_losses, cfg.chunk_size, vm)
-    eval_query = Evaluator(fmodel, task, query, query_observables, cfg.chunk_size, vm)
+    tokens = is_token_task(task)
+    eval_train = Evaluator(fmodel, task, train, train_losses, cfg.chunk_size, vm, tokens)
+    eval_query = Evaluator(fmodel, task, query, query_observables, cfg.chunk_size, vm, tokens)
+    token_train = token_query = None
+    if tokens:
+        kn, kq = len(eval_train.token_index), len(eval_query.token_index)
+        mb = C * D * (kn + kq) * 4 / 2**20
+        if mb > cfg.max_token_trace_mb:
+            raise ConfigError(
+                f"per-token traces of {kn} train + {kq} query tokens over {C}x{D} draws need "
+                f"{mb:.0f} MB (max_token_trace_mb={cfg.max_token_trace_mb:g}); attribute fewer "
+                "sequences or positions (loss_mask), take fewer draws, or raise the limit."
+            )
+        token_train = torch.full((C, D, kn), math.nan, dtype=torch.float32)
+        token_query = torch.full((C, D, kq), math.nan, dtype=torch.float32)
     w_star_1 = {k: v.unsqueeze(0) for k, v in fmodel.w_star.items()}
     energy_star = float(posterior.potential(w_star_1, eval_train(w_star_1).double().mean(1)))
     max_energy = ENERGY_FACTOR * (fmodel.num_params + 10)
@@ -119,6 +135,8 @@ def run_chains(
             moments = Moments(*(saved[f"moments.{f}"].to(device) for f in Moments._fields))
             draw_loss, step_loss = saved["draw_loss"], saved["step_loss"]
             query_trace = saved["query_trace"]
+            if tokens:
+                token_train, token_query = saved["token_train"], saved["token_query"]
             done_groups = meta["done_groups"]
             resume_group = meta.get("active")
             log.info("resuming from %s: %d chain group(s) done", run_dir, len(done_groups))
@@ -129,6 +147,8 @@ def run_chains(
             return
         tensors = {f"moments.{f}": t for f, t in zip(Moments._fields, moments, strict=True)}
         tensors.update(draw_loss=draw_loss, step_loss=step_loss, query_trace=query_trace)
+        if token_train is not None and token_query is not None:
+            tensors.update(token_train=token_train, token_query=token_query)
         tensors.update(extra)
         meta = {
             "config": config_dict,
@@ -197,7 +217,10 @@ def run_chains(
             if k <= 0 or k % cfg.thin:
                 continue
             d = k // cfg.thin - 1
-            a, b = eval_train(state.params), eval_query(state.params)
+            (a, a_tok), (b, b_tok) = (
+                eval_train.evaluate(state.params),
+                eval_query.evaluate(state.params),
+            )
             finite = torch.isfinite(a).all(1) & torch.isfinite(b).all(1)
             if not bool(finite.all()):
                 _divergence(chains, ~finite, t, "evaluated losses", cfg)
@@ -214,6 +237,10 @@ def run_chains(
             update_moments(moments, idx, a, b, inplace=True)
             draw_loss[chains, d] = a.mean(1).to("cpu", torch.float64)
             query_trace[chains, d] = b.to("cpu", torch.float64)
+            if token_train is not None and token_query is not None:
+                assert a_tok is not None and b_tok is not None
+                token_train[chains, d] = a_tok.to("cpu", torch.float32)
+                token_query[chains, d] = b_tok.to("cpu", torch.float32)
             if d % 10 == 0:
                 bar.set_postfix(loss=f"{float(a.mean()):.4g}")
             if run_dir is not None and (
@@ -224,7 +251,12 @@ def run_chains(
         done_groups.append(gi)
         save(None, {})
     bar.close()
-    return RunOutput(moments, draw_loss, step_loss, query_trace, resumed)
+    traces = None
+    if token_train is not None and token_query is not None:
+        traces = TokenTraces(
+            token_train, token_query, eval_train.token_index, eval_query.token_index
+        )
+    return RunOutput(moments, draw_loss, step_loss, query_trace, resumed, traces)
 
 
 def _flatten_state(state: Any) -> dict[str, Tensor]:

@@ -1,0 +1,19 @@
+"""Language models: per-token BIF for causal LMs (Hugging Face or plain modules).
+
+import bif
+from bif.lm import CausalLMTask, encode
+train = encode(tokenizer, train_texts)                     # input_ids, attention_mask, loss_mask
+query = encode(tokenizer, query_texts, prompts=prompts)    # attribute only the completions
+result = bif.attribute(model, train, query, task=CausalLMTask())
+result.scores                            # [Q, N] sequence-level BIF (sum over tokens)
+result.tokens.token_scores()             # [Kq, Kn] token x token BIF, in memory-bounded blocks
+result.tokens.top_train_tokens(0, position=5)
+
+Only this package's task and encoding helpers are imported here; the Shakespeare corpus, the
+tiny model and the pretrained loader (which need ``transformers``) live in their own modules.
+"""
+
+from bif.lm.task import CausalLMTask, encode, is_token_task
+from bif.tokens import TokenInfluence, TokenTraces
+
+__all__ = ["CausalLMTask", "TokenInfluence", "TokenTraces", "encode", "is_token_task"]
