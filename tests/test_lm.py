@@ -202,3 +202,42 @@ def test_encode_prompts_and_padding() -> None:
     assert enc["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
     with pytest.raises(DataError, match="prefix"):
         encode(_CharTokenizer(), ["abc"], prompts=["x"])
+
+
+def _llama(attn: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=32, max_position_embeddings=32,
+    )  # fmt: skip
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_hugging_face_llama_padding_and_twins() -> None:
+    """A real transformers causal LM: the attention mask is honoured (padding changes nothing)
+    and the vmapped chains agree with the loop."""
+    model = _llama("eager")
+    train, query = _data(6)
+    kw = dict(task=CausalLMTask(), num_chains=2, num_draws=4, num_burnin=2, thin=1, progress=False)
+    r = bif.attribute(model, train, query, **kw)
+    loop = bif.attribute(model, train, query, vmap_chains=False, **kw)
+    torch.testing.assert_close(loop.scores, r.scores, rtol=1e-5, atol=1e-6)
+    pad = torch.zeros(6, 4, dtype=torch.long)
+    padded = {
+        "input_ids": torch.cat([train["input_ids"], pad + 3], 1),
+        "attention_mask": torch.cat([train["attention_mask"], pad], 1),
+    }
+    r2 = bif.attribute(model, padded, query, task=CausalLMTask(trim_padding=False),
+                       **{k: v for k, v in kw.items() if k != "task"})  # fmt: skip
+    scale = float(r.scores.abs().max())
+    torch.testing.assert_close(r2.scores, r.scores, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(r2.tokens.sequence_scores(), r.scores, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_fused_attention_without_second_derivative_says_eager() -> None:
+    model = _llama("sdpa")
+    train, query = _data(4)
+    with pytest.raises(ConfigError, match="attn_implementation='eager'"):
+        bif.attribute(model, train, query, task=CausalLMTask(), **FAST)

@@ -2,23 +2,27 @@
 
 SGLD on the local posterior is stable only if ε · (nβ · λ_max(H) + γ) < 2, with H the Hessian of
 the mean training loss at w*. λ_max is estimated by power iteration on Hessian-vector products
-(forward-over-reverse ``torch.func.jvp`` of ``torch.func.grad``), which costs a few dozen
-gradient evaluations and no Hessian in memory.
+(forward-over-reverse ``torch.func.jvp`` of ``torch.func.grad``; reverse-over-reverse ``vjp``
+for models with an op that has no forward-mode rule, e.g. PyTorch's fused CPU attention), which
+costs a few dozen gradient evaluations and no Hessian in memory.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp
+from torch.func import grad, jvp, vjp
 
 from bif.config import BIFConfig
 from bif.errors import ConfigError
 from bif.functional import FunctionalModel, Params
 from bif.task import Task
+
+log = logging.getLogger(__name__)
 
 # ε = AUTO_STEP_FACTOR / (nβ·λ_max + γ): a factor 4 below the stability limit; the stiffest
 # direction's stationary variance is then inflated by 1/(1 - 0.5/4) ≈ 1.14, every other one less.
@@ -57,10 +61,32 @@ def top_hessian_eigenvalue(
     def chunk_loss(params: Params, batch: Any) -> Tensor:
         return task.loss(fmodel.model_fn(params), batch).sum() / n
 
+    mode = {"forward": True}
+
+    def chunk_hvp(batch: Any, v: Params) -> Params:
+        g = lambda p: grad(chunk_loss)(p, batch)  # noqa: E731
+        if mode["forward"]:
+            try:
+                return jvp(g, (w,), (v,))[1]
+            except NotImplementedError as e:  # an op without a forward-mode AD rule
+                log.info("HVPs fall back to reverse-over-reverse: %s", str(e).splitlines()[0])
+                mode["forward"] = False
+        try:
+            return vjp(g, w)[1](v)[0]
+        except (NotImplementedError, RuntimeError) as e:
+            if "derivative" not in str(e) and "not implemented" not in str(e).lower():
+                raise
+            raise ConfigError(
+                "the 'auto' rules need Hessian-vector products, but an op of this model has no "
+                f"second derivative ({str(e).splitlines()[0]}). For Hugging Face models load "
+                "them with attn_implementation='eager' (fused attention kernels have none on "
+                "the CPU), or pass numeric step_size and nbeta."
+            ) from e
+
     def hvp(v: Params) -> Params:
         out: Params | None = None
         for batch in chunks:
-            _, hv = jvp(lambda p, b=batch: grad(chunk_loss)(p, b), (w,), (v,))
+            hv = chunk_hvp(batch, v)
             out = hv if out is None else {k: out[k] + hv[k] for k in hv}
         assert out is not None
         return out
