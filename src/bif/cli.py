@@ -106,17 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="train a small MLP on the bundled digits, attribute test digits, write a report",
-        description="Train a 64-64-10 MLP on 1,000 bundled 8x8 digits, attribute a few test "
-        "digits with BIF, save the result and write a self-contained HTML report.",
+        help="the embedded demos: digits (MLP, image report) or lm (tiny transformer, token "
+        "heatmaps)",
+        description="digits (default): train a 64-64-10 MLP on 1,000 bundled 8x8 digits, "
+        "attribute a few test digits with BIF, save the result and write a self-contained HTML "
+        "report. lm: fine-tune a tiny Shakespeare transformer (pretrained once and cached) on "
+        "128 Hamlet passages, attribute held-out speeches token by token, and write a token "
+        "heatmap report.",
     )
-    demo.add_argument("--out", type=Path, default=Path("bif-demo"), help="output directory")
-    demo.add_argument("--num-queries", type=int, default=6, help="test digits to explain")
-    demo.add_argument("-k", type=int, default=5, help="proponents/opponents shown per query")
+    demo.add_argument("which", nargs="?", choices=["digits", "lm"], default="digits",
+                      help="which demo (default: digits)")  # fmt: skip
+    demo.add_argument("--out", type=Path, default=None, help="output directory "
+                      "(default: bif-demo, or bif-demo-lm)")  # fmt: skip
+    demo.add_argument("--num-queries", type=int, default=None,
+                      help="queries to explain (default: 6 digits, 4 speeches)")  # fmt: skip
+    demo.add_argument("--num-train", type=int, default=None,
+                      help="lm only: fine-tuning passages attributed (default: 128)")  # fmt: skip
+    demo.add_argument("-k", type=int, default=None,
+                      help="proponents/opponents per query (default: 5 digits, 3 lm)")  # fmt: skip
     demo.add_argument(
-        "--threads", type=int, default=1,
-        help="torch CPU threads; the demo model is tiny, so one thread avoids threading "
-        "overhead and contention (default: 1)",
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: 1 for digits, whose model is so small that threads "
+        "only add overhead; torch's default for lm)",
     )  # fmt: skip
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_flags(demo)
@@ -178,8 +189,16 @@ def _check_positive(flag: str, value: int) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.which == "lm":
+        return _cmd_demo_lm(args)
     from bif.demo import check_num_queries, run_demo, split_digits  # lazy: fast `bif --help`
 
+    args.out = args.out or Path("bif-demo")
+    args.num_queries = 6 if args.num_queries is None else args.num_queries
+    args.k = 5 if args.k is None else args.k
+    args.threads = 1 if args.threads is None else args.threads
+    if args.num_train is not None:
+        raise ConfigError("--num-train applies to `bif demo lm` only.")
     # Fail on a bad flag before printing anything or training.
     _check_positive("-k", args.k)
     _check_positive("--threads", args.threads)
@@ -221,6 +240,63 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo_lm(args: argparse.Namespace) -> int:
+    from bif.lm.demo import NUM_QUERIES, NUM_TRAIN, PLAY, run_lm_demo
+
+    out_dir = args.out or Path("bif-demo-lm")
+    nq = NUM_QUERIES if args.num_queries is None else args.num_queries
+    nt = NUM_TRAIN if args.num_train is None else args.num_train
+    k = 3 if args.k is None else args.k
+    for flag, v in (("-k", k), ("--num-queries", nq), ("--num-train", nt)):
+        _check_positive(flag, v)
+    if args.threads is not None:
+        _check_positive("--threads", args.threads)
+    overrides = config_overrides(args)
+    BIFConfig().replace(**overrides)
+    t0 = time.perf_counter()
+    print(
+        f"bif demo lm: tiny Shakespeare transformer (pretrained once, then cached), fine-tuned on "
+        f"{nt} {PLAY} passages; attributing {nq} held-out speeches token by token "
+        f"(output: {out_dir})",
+        flush=True,
+    )
+    out = run_lm_demo(
+        out_dir, nq, nt, k=k, progress=not args.quiet, threads=args.threads, **overrides
+    )
+    r = out.result
+    print(
+        f"model ready in {out.train_seconds:.1f} s; held-out loss {out.heldout_loss:.3f} "
+        f"nats/token\nBIF: {r.config.num_chains} chains × {r.config.num_draws} draws, "
+        f"nβ = {r.config.nbeta:.4g}, γ = {r.config.gamma:.4g}, step size "
+        f"{r.config.step_size:.3g}; sampling {r.meta.get('sampling_seconds', float('nan')):.1f} s\n"
+    )
+    from bif.lm.report import load_token_text
+
+    tok, text_of = r.tokens, load_token_text(out.result_dir)
+    assert tok is not None and text_of is not None
+    for q, text in enumerate(out.query_texts):
+        lines = text.splitlines()
+        print(f"query {q}: {lines[0]} {' / '.join(lines[1:])[:90]}")
+        for kind, sign in (("proponents", 1), ("opponents", -1)):
+            order = [i for i in (sign * r.scores[q]).argsort()[:k].tolist()
+                     if sign * float(r.scores[q, i]) < 0]  # fmt: skip
+            print(f"  {kind}:" + ("" if order else " (none)"))
+            for i in order:
+                snippet = " / ".join(out.train_texts[i].splitlines())[:80]
+                print(f"    #{i:<4d} {float(r.scores[q, i]):+.3g} ± {float(r.stderr[q, i]):.2g}"
+                      f"  {snippet}")  # fmt: skip
+        top = tok.top_train_tokens(q, k=5)
+        words = [
+            f"{text_of['train_tokens'][t.sequence][t.position]!r} (#{t.sequence})" for t in top
+        ]
+        print("  training tokens that most lower this speech's loss: " + ", ".join(words))
+        print()
+    print(f"report: {out.report_path}")
+    print(f"result: {out.result_dir}   (bif report {out.result_dir})")
+    print(f"wall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     from bif.demo import load_demo_info
 
@@ -249,8 +325,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     _check_positive("-k", args.k)
     out = args.out or args.result_dir / "report.html"
+    from bif.lm.report import load_token_text, write_lm_report
+
     if load_demo_info(args.result_dir) is not None:
         path = write_demo_report(args.result_dir, out, k=args.k)
+    elif load_token_text(args.result_dir) is not None:
+        path = write_lm_report(args.result_dir, out, k=args.k)
     else:
         path = write_report(out, BIFResult.load(args.result_dir), k=args.k)
     print(f"report: {path}")

@@ -82,6 +82,11 @@ class BIFConfig:
     centering: Centering = _f(
         "chain", "'chain': average per-chain covariances; 'pooled': one covariance of all draws"
     )
+    center_gradient: bool = _f(
+        False,
+        "remove nβ·∇L_n(w*) from the potential so w* is stationary: for a checkpoint that is not "
+        "a minimum of the attributed data's loss (e.g. a pretrained LM attributed on a subset)",
+    )
     seed: int = _f(0, "seed of every chain's noise and minibatches (chain c uses seed, c)")
     max_token_trace_mb: float = _f(
         4096.0,
@@ -154,6 +159,9 @@ class BIFConfig:
             )
         if self.centering not in ("chain", "pooled"):
             raise ConfigError(f"centering must be 'chain' or 'pooled', got {self.centering!r}.")
+        for name in ("vmap_chains", "center_gradient"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
 

@@ -6,6 +6,15 @@ with ``L_n`` the MEAN per-sample training loss. SGLD needs the gradient of the p
 ``U(w) = nβ · L_n(w) + (γ/2) · ||w - w*||²``; with a minibatch estimate ``∇L_B`` of ``∇L_n`` this is
 
     ∇U(w) ≈ nβ · ∇L_B(w) + γ · (w - w*).
+
+With ``center_gradient`` (``grad_star = ∇L_n(w*)``), the linear part of ``L_n`` at w* is removed:
+
+    U(w) = nβ · [L_n(w) - ∇L_n(w*)ᵀ(w - w*)] + (γ/2) · ||w - w*||²
+
+so w* is a stationary point of the sampled density even when it is not a minimum of the loss of
+the attributed data (a pretrained model attributed on a subset of what it saw). The Hessian, and
+with it the Gaussian-limit covariance (the damped influence function), is unchanged; only the
+drift of the chains towards the subset's own minimum goes.
 """
 
 from __future__ import annotations
@@ -24,20 +33,28 @@ class LocalPosterior:
     nbeta: float
     gamma: float
     w_star: Params
+    grad_star: Params | None = None  # ∇L_n(w*) when the gradient is centred, else None
 
     def potential_grad(self, params: Params, loss_grad: Params) -> Params:
-        """``∇U = nβ · ∇L_B + γ · (w - w*)`` per parameter tensor (same shapes as ``params``)."""
+        """``∇U = nβ · (∇L_B - g*) + γ · (w - w*)`` per parameter tensor (``g* = 0`` unless
+        centred; same shapes as ``params``)."""
+        g = self.grad_star
         return {
-            k: self.nbeta * loss_grad[k] + self.gamma * (params[k] - self.w_star[k]) for k in params
+            k: self.nbeta * (loss_grad[k] if g is None else loss_grad[k] - g[k])
+            + self.gamma * (params[k] - self.w_star[k])
+            for k in params
         }
 
     def potential(self, params: Params, mean_loss: Tensor) -> Tensor:
         """``U(w)`` given the mean loss at ``params`` (for diagnostics; [C] with a chain dim)."""
-        sq = sum(
-            (params[k] - self.w_star[k]).pow(2).reshape((*mean_loss.shape, -1)).sum(-1)
-            for k in params
-        )
-        return self.nbeta * mean_loss + 0.5 * self.gamma * sq
+        shape = (*mean_loss.shape, -1)
+        sq = sum((params[k] - self.w_star[k]).pow(2).reshape(shape).sum(-1) for k in params)
+        u = self.nbeta * mean_loss + 0.5 * self.gamma * sq
+        if self.grad_star is not None:
+            g = self.grad_star
+            lin = sum(((params[k] - self.w_star[k]) * g[k]).reshape(shape).sum(-1) for k in params)
+            u = u - self.nbeta * lin
+        return u
 
     @property
     def damping(self) -> float:

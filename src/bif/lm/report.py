@@ -71,19 +71,19 @@ def token_query_views(
         )
     views = []
     for q in range(result.num_queries):
-        row, se = result.scores[q], result.stderr[q]
+        row = result.scores[q]
         train_col = tok.train_token_scores(q)  # [Kn]
         order = torch.argsort(row)
 
-        def passage(i: int, q: int = q, train_col: torch.Tensor = train_col) -> TokenPassage:
+        def passage(i: int, q: int = q, col: torch.Tensor = train_col) -> TokenPassage:
             n_q, n_i = len(query_tokens[q]), len(train_tokens[i])
             on_query = tok.per_position("query", q, tok.query_token_scores(i), n_q)
             return TokenPassage(
                 index=i,
                 tokens=train_tokens[i],
-                token_scores=_nan_list(tok.per_position("train", i, train_col, n_i)),
-                score=float(row[i]),
-                stderr=float(se[i]),
+                token_scores=_nan_list(tok.per_position("train", i, col, n_i)),
+                score=float(result.scores[q, i]),
+                stderr=float(result.stderr[q, i]),
                 query_token_scores=_nan_list(on_query),
             )
 

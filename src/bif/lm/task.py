@@ -165,6 +165,36 @@ def is_token_task(task: Any) -> bool:
     )
 
 
+def _completion_mask(tokenizer: Any, text: str, prompt: str, i: int) -> tuple[list, list]:
+    """Token ids of ``text`` and a 0/1 mask that is 1 on the tokens after ``prompt``.
+
+    Fast tokenizers report character offsets: a token belongs to the completion if it starts at
+    or after the prompt's end. Special tokens (offsets ``(0, 0)``) follow their neighbour: a BOS
+    belongs to the prompt, an EOS after completion text to the completion. Without offsets the
+    prompt's own token ids must be a prefix of the text's.
+    """
+    try:
+        enc = tokenizer(text, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        offsets = None
+    if offsets is not None:
+        ids, mask, after = list(enc["input_ids"]), [], False
+        for start, end in offsets:
+            if end > start:
+                after = start >= len(prompt)
+            mask.append(int(after))
+        return ids, mask
+    ids = list(tokenizer(text)["input_ids"])
+    p_ids = list(tokenizer(prompt)["input_ids"])
+    if ids[: len(p_ids)] != p_ids:
+        raise DataError(
+            f"text {i} does not tokenise with its prompt's tokens as a prefix; end the prompt "
+            "at a word boundary (e.g. before a space), or use a fast tokenizer."
+        )
+    return ids, [0] * len(p_ids) + [1] * (len(ids) - len(p_ids))
+
+
 def encode(
     tokenizer: Any,
     texts: list[str],
@@ -174,7 +204,8 @@ def encode(
     """Tokenise ``texts`` into right-padded ``input_ids``/``attention_mask``/``loss_mask``.
 
     Args:
-        tokenizer: a Hugging Face tokenizer (``tokenizer(text)["input_ids"]``).
+        tokenizer: a Hugging Face tokenizer (``tokenizer(text)["input_ids"]``); special tokens
+            are added as the tokenizer does by default.
         texts: the full sequences.
         prompts: optional prefixes (one per text, each a prefix of its text) whose tokens are
             context only: ``loss_mask`` is 0 over them, so only the completion is attributed.
@@ -185,23 +216,21 @@ def encode(
     """
     if prompts is not None and len(prompts) != len(texts):
         raise DataError(f"got {len(prompts)} prompts for {len(texts)} texts.")
+    if not texts:
+        raise DataError("encode needs at least one text.")
     rows, masks = [], []
     for i, text in enumerate(texts):
-        ids = list(tokenizer(text)["input_ids"])
-        n_prompt = 0
-        if prompts is not None:
+        if prompts is None:
+            ids = list(tokenizer(text)["input_ids"])
+            mask = [1] * len(ids)
+        else:
             if not text.startswith(prompts[i]):
                 raise DataError(f"prompt {i} {prompts[i]!r} is not a prefix of its text.")
-            n_prompt = len(tokenizer(prompts[i])["input_ids"])
-            if ids[:n_prompt] != list(tokenizer(prompts[i])["input_ids"]):
-                raise DataError(
-                    f"text {i} does not tokenise with its prompt's tokens as a prefix; end the "
-                    "prompt at a word boundary (e.g. before a space)."
-                )
+            ids, mask = _completion_mask(tokenizer, text, prompts[i], i)
         if max_length is not None:
-            ids = ids[:max_length]
+            ids, mask = ids[:max_length], mask[:max_length]
         rows.append(ids)
-        masks.append([0] * min(n_prompt, len(ids)) + [1] * max(0, len(ids) - n_prompt))
+        masks.append(mask)
     s = max(len(r) for r in rows)
     out = torch.zeros(len(rows), s, dtype=torch.long)
     attn = torch.zeros(len(rows), s, dtype=torch.long)

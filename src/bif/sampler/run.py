@@ -96,7 +96,6 @@ def run_chains(
     N, Q = len(train), len(query)
     vm = cfg.vmap_chains
     groups = [list(range(C))] if vm else [[c] for c in range(C)]
-    posterior = LocalPosterior(cfg.nbeta, cfg.gamma, fmodel.w_star)
     tokens = is_token_task(task)
     eval_train = Evaluator(fmodel, task, train, train_losses, cfg.chunk_size, vm, tokens)
     eval_query = Evaluator(fmodel, task, query, query_observables, cfg.chunk_size, vm, tokens)
@@ -113,6 +112,13 @@ def run_chains(
         token_train = torch.full((C, D, kn), math.nan, dtype=torch.float32)
         token_query = torch.full((C, D, kq), math.nan, dtype=torch.float32)
     w_star_1 = {k: v.unsqueeze(0) for k, v in fmodel.w_star.items()}
+    grad_star = None
+    if cfg.center_gradient:
+        # ∇L_n(w*) over the full attributed set, once (chain dim 1 broadcasts over chains).
+        full_fn = per_chain(mean_loss_and_grad(fmodel, task.loss), vm, batch_in_dim=None)
+        grad_star, _ = _full_batch_grad(full_fn, w_star_1, eval_train.chunks(), N)
+        grad_star = {k: v.detach() for k, v in grad_star.items()}
+    posterior = LocalPosterior(cfg.nbeta, cfg.gamma, fmodel.w_star, grad_star)
     energy_star = float(posterior.potential(w_star_1, eval_train(w_star_1).double().mean(1)))
     max_energy = ENERGY_FACTOR * (fmodel.num_params + 10)
     full_batch = cfg.batch_size is None or cfg.batch_size >= N
