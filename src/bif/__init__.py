@@ -21,6 +21,7 @@ from bif.errors import (
 )
 from bif.result import BIFResult, Influence, TopInfluences
 from bif.task import ClassificationTask, OutputLossTask, RegressionTask, Task, margin
+from bif.tokens import TokenInfluence, TokenTraces
 
 __all__ = [
     "ArtifactError",
@@ -36,6 +37,8 @@ __all__ = [
     "RegressionTask",
     "ShapeError",
     "Task",
+    "TokenInfluence",
+    "TokenTraces",
     "TopInfluences",
     "__version__",
     "attribute",

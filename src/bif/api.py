@@ -116,7 +116,8 @@ def attribute(
         )
         model.eval()
     try:
-        fmodel = FunctionalModel(model, device, dtype)
+        fwd = getattr(torch, cfg.forward_dtype) if cfg.forward_dtype is not None else None
+        fmodel = FunctionalModel(model, device, dtype, forward_dtype=fwd)
         dt = dtype if dtype is not None else next(iter(fmodel.w_star.values())).dtype
         train_src = DataSource(train, "train", device, dt)
         query_src = DataSource(query, "query", device, dt)

@@ -82,6 +82,11 @@ class BIFConfig:
     centering: Centering = _f(
         "chain", "'chain': average per-chain covariances; 'pooled': one covariance of all draws"
     )
+    forward_dtype: Literal["float32", "bfloat16", "float16"] | None = _f(
+        None,
+        "run forward passes in this dtype (e.g. bfloat16 on a GPU) while the sampled weights "
+        "stay in the model's dtype; None: the model's dtype",
+    )
     center_gradient: bool = _f(
         False,
         "remove nβ·∇L_n(w*) from the potential so w* is stationary: for a checkpoint that is not "
@@ -159,6 +164,11 @@ class BIFConfig:
             )
         if self.centering not in ("chain", "pooled"):
             raise ConfigError(f"centering must be 'chain' or 'pooled', got {self.centering!r}.")
+        if self.forward_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(
+                "forward_dtype must be None, 'float32', 'bfloat16' or 'float16', got "
+                f"{self.forward_dtype!r}."
+            )
         for name in ("vmap_chains", "center_gradient"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
+from torch.utils._pytree import tree_map
 
 from bif.errors import ConfigError
 
@@ -28,13 +29,21 @@ class FunctionalModel:
             mode first) and is never modified.
         device: where the sampled and fixed tensors live.
         dtype: floating parameters and buffers are cast to it (None keeps their dtype).
+        forward_dtype: if given, every forward pass runs in it (e.g. ``torch.bfloat16``): the
+            sampled weights stay in ``dtype`` (master weights: the sampler's small updates are
+            not rounded away), and are cast on the way in; gradients flow back through the cast.
     """
 
     def __init__(
-        self, module: nn.Module, device: torch.device | str, dtype: torch.dtype | None = None
+        self,
+        module: nn.Module,
+        device: torch.device | str,
+        dtype: torch.dtype | None = None,
+        forward_dtype: torch.dtype | None = None,
     ) -> None:
         self.module = module
         self.device = torch.device(device)
+        self.forward_dtype = forward_dtype
 
         def prep(t: Tensor) -> Tensor:
             t = t.detach().to(self.device)
@@ -48,6 +57,11 @@ class FunctionalModel:
             k: prep(p) for k, p in named.items() if not p.requires_grad
         }
         self.fixed.update({k: prep(b) for k, b in module.named_buffers()})
+        if forward_dtype is not None:
+            self.fixed = {
+                k: t.to(forward_dtype) if t.is_floating_point() else t
+                for k, t in self.fixed.items()
+            }
         if not self.w_star:
             raise ConfigError(
                 "the model has no parameter with requires_grad=True, so there is nothing to "
@@ -62,10 +76,20 @@ class FunctionalModel:
     def model_fn(self, params: Params) -> Callable[..., Any]:
         """A callable ``inputs -> outputs`` at weights ``params`` (one chain, no chain dim)."""
 
+        fd = self.forward_dtype
+        if fd is not None:
+            params = {k: v.to(fd) if v.is_floating_point() else v for k, v in params.items()}
+
         def call(*args: Any, **kwargs: Any) -> Any:
+            if fd is not None:  # float inputs follow the forward dtype (ids stay integers)
+                args, kwargs = tree_map(_cast_float(fd), (args, kwargs))
             return functional_call(self.module, {**params, **self.fixed}, args, kwargs)
 
         return call
+
+
+def _cast_float(dtype: torch.dtype) -> Callable[[Any], Any]:
+    return lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
 
 
 def per_chain(fn: Callable[..., Any], vmapped: bool, batch_in_dim: int | None) -> Callable:
