@@ -3,8 +3,10 @@
     python scripts/make_ground_truth.py digits --m 100 --r 3
     python scripts/make_ground_truth.py mnist  --m 100 --r 3
     python scripts/make_ground_truth.py fmnist --m 100 --r 3
+    python scripts/make_ground_truth.py shakespeare --m 100 --r 3 --batch 10
 
 Writes ``src/bif/bench/ground_truth/SETTING.{safetensors,json}`` (``--out`` to change the folder).
+(shakespeare fine-tunes one model at a time, so ``--batch`` only sets how often it saves.)
 Killing it loses at most one batch of models; rerunning the same command resumes. Prints the
 full-data reference model's test accuracy and the wall time at the end.
 """
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{a.setting}: N={setting.num_train} Q={setting.num_query}; reference model "
         f"(seed {setting.reference_seed}) test accuracy {setting.accuracy(ref):.4f} on "
-        f"{len(setting.y_test)}, trained in {time.perf_counter() - t0:.1f} s"
+        f"{len(setting.y_test)}{' (next-token)' if setting.task == 'causal-lm' else ''}, "
+        f"trained in {time.perf_counter() - t0:.1f} s"
     )
     t0 = time.perf_counter()
     gt = run_retraining(

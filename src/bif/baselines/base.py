@@ -15,9 +15,12 @@ class AttributionContext:
 
     Attributes:
         model: the trained model at its checkpoint w* (eval mode).
-        x_train, y_train: the N attributed training examples (also the training set).
-        x_query, y_query: the Q queries.
-        task: "classification" or "regression" (the per-sample loss the model was trained on).
+        x_train, y_train: the N attributed training examples (also the training set); for
+            "causal-lm", a :func:`bif.lm.encode` dict of ``[N, S]`` tensors and placeholder
+            zeros ``[N]`` (the targets are the next tokens).
+        x_query, y_query: the Q queries (same forms).
+        task: "classification", "regression" or "causal-lm" (the per-sample loss the model was
+            trained on; causal-lm: the sequence loss, :meth:`bif.lm.task.CausalLMTask.loss`).
         checkpoints: state_dicts saved along the training trajectory (for TracIn), oldest first.
         learning_rates: the learning rate in force at each checkpoint (same length).
         build_model: fresh-model factory ``seed -> nn.Module`` (for ensembles, e.g. TRAK).
@@ -26,9 +29,9 @@ class AttributionContext:
     """
 
     model: nn.Module
-    x_train: Tensor
+    x_train: Any
     y_train: Tensor
-    x_query: Tensor
+    x_query: Any
     y_query: Tensor
     task: str = "classification"
     checkpoints: Sequence[dict[str, Tensor]] = ()

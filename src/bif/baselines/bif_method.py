@@ -28,7 +28,8 @@ class BIFAttributor:
             ``progress`` (default False).
 
     The last :class:`BIFResult` is kept in ``self.result`` (standard errors, traces).
-    ``ctx.extra["observable"]``, when present, is passed on as ``observable=``.
+    ``ctx.extra["observable"]``, when present, is passed on as ``observable=``. A "causal-lm"
+    context passes its token batches with :class:`bif.lm.task.CausalLMTask` (sequence losses).
     """
 
     def __init__(self, config: BIFConfig | None = None, *, name: str = "bif", **hyperparams: Any):
@@ -49,11 +50,17 @@ class BIFAttributor:
 
     def run(self, ctx: AttributionContext) -> BIFResult:
         """The full :class:`BIFResult` for the context (also stored in ``self.result``)."""
+        if ctx.task == "causal-lm":  # token batches (bif.lm.encode dicts), sequence losses
+            from bif.lm.task import CausalLMTask
+
+            train, query, task = ctx.x_train, ctx.x_query, CausalLMTask()
+        else:
+            train, query, task = (ctx.x_train, ctx.y_train), (ctx.x_query, ctx.y_query), ctx.task
         self.result = attribute(
             ctx.model,
-            (ctx.x_train, ctx.y_train),
-            (ctx.x_query, ctx.y_query),
-            task=ctx.task,
+            train,
+            query,
+            task=task,
             observable=ctx.extra.get("observable"),
             config=self.config,
             **self.call_options,
@@ -63,6 +70,19 @@ class BIFAttributor:
     def scores(self, ctx: AttributionContext) -> Tensor:
         """BIF scores ``[Q, N]``: ``-Cov_p(l_n, φ_q)``; negative = proponent."""
         return self.run(ctx).scores
+
+    def diagnostics(self) -> dict[str, Any]:
+        """The last run's draw-loss trace (mean training loss at each draw, averaged over
+        chains, in 10 equal blocks of draws) and its value at w*: a plateau means burn-in was
+        long enough."""
+        if self.result is None:
+            return {}
+        trace = self.result.draw_loss.double().mean(0)  # [D]
+        blocks = [float(b.mean()) for b in trace.chunk(min(10, trace.numel()))]
+        return {
+            "draw_loss_blocks": blocks,
+            "train_loss_star": float(self.result.train_loss_star.double().mean()),
+        }
 
     def self_influence(self, ctx: AttributionContext) -> Tensor:
         """``-Var_p(l_n)`` ``[N]`` (more negative = more suspicious)."""

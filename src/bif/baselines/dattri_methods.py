@@ -138,6 +138,10 @@ class TRAK:
         from dattri.algorithm.trak import TRAKAttributor
         from dattri.task import AttributionTask
 
+        from bif.baselines import lm_methods
+
+        if lm_methods.is_lm_context(ctx):  # token batches: the LM adapter
+            return lm_methods.trak_scores(self, ctx)
         q, n = check_context(ctx)
         if self.proj_dim > n and self.damping == 0.0:
             raise ConfigError(

@@ -144,7 +144,11 @@ class _GradientSimilarity:
         return GradientSource(ctx.model, context_task(ctx), self.dtype, self.chunk_size)
 
     def scores(self, ctx: AttributionContext) -> Tensor:
-        """Scores ``[Q, N]`` (float64, CPU)."""
+        """Scores ``[Q, N]`` (float64, CPU); causal-lm contexts use sequence-loss gradients."""
+        from bif.baselines import lm_methods
+
+        if lm_methods.is_lm_context(ctx):
+            return lm_methods.gradsim_scores(ctx, self.cosine)
         with eval_mode(ctx.model):
             src = self._source(ctx)
             gq = src.all(ctx.x_query, ctx.y_query, query=True).to(F64)  # [Q, P]

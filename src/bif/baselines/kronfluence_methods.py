@@ -127,6 +127,10 @@ class EKFAC:
         from kronfluence.module.tracked_module import TrackedModule
         from kronfluence.task import Task as KronTask
 
+        from bif.baselines import lm_methods
+
+        if lm_methods.is_lm_context(ctx):  # token batches: the LM adapter
+            return lm_methods.ekfac_scores(self, ctx)
         q, n = check_context(ctx)
         task = _make_task(KronTask, resolve_task(ctx), self.seed)
         # prepare_model freezes the parameters and wraps modules in place: work on a copy.

@@ -26,15 +26,18 @@ def add_bench_parser(sub: Any, add_config_flags: Any) -> None:
 
     bench = sub.add_parser(
         "bench",
-        help="LDS benchmark of BIF and baselines on a setting (digits, mnist, fmnist)",
+        help="LDS benchmark of BIF and baselines on a setting (digits, mnist, fmnist, shakespeare)",
         description="Score attribution methods by the linear datamodeling score against the "
         "retraining ground truth shipped with bif; prints a table and writes JSON and a PNG chart. "
         "BIF hyperparameter flags apply to the 'bif' method.",
     )
-    bench.add_argument("setting", help="benchmark setting: digits, mnist or fmnist")
     bench.add_argument(
-        "--methods", default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated methods among {','.join(sorted(METHODS))}",
+        "setting", help="benchmark setting: digits, mnist, fmnist or shakespeare (language model)"
+    )
+    bench.add_argument(
+        "--methods", default=None,
+        help=f"comma-separated methods among {','.join(sorted(METHODS))} (default: "
+        f"{','.join(DEFAULT_METHODS)}; shakespeare: bif,grad-dot,grad-cos,ekfac,trak)",
     )  # fmt: skip
     bench.add_argument("--out", type=Path, default=Path("bif-bench"), help="output directory")
     bench.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CI")
@@ -60,7 +63,14 @@ def add_bench_parser(sub: Any, add_config_flags: Any) -> None:
 def cmd_bench(args: argparse.Namespace, bif_options: dict[str, Any]) -> int:
     import torch
 
-    from bif.bench.runner import METHODS, format_table, run_bench, run_sweep
+    from bif.bench.runner import (
+        DEFAULT_METHODS,
+        METHODS,
+        SETTING_METHODS,
+        format_table,
+        run_bench,
+        run_sweep,
+    )
 
     if args.threads is not None:
         if args.threads < 1:
@@ -74,6 +84,8 @@ def cmd_bench(args: argparse.Namespace, bif_options: dict[str, Any]) -> int:
         options.update({m: {"damping": args.if_damping} for m in ("if-exact", "if-cg", "if-lissa")})
     if args.sweep and args.mislabel:
         raise ConfigError("--sweep and --mislabel are separate experiments; choose one.")
+    if args.mislabel and args.setting == "shakespeare":
+        raise ConfigError("--mislabel flips class labels; the shakespeare setting has none.")
     if args.mislabel:
         from bif.bench.mislabel import (
             DEFAULT_MISLABEL_METHODS,
@@ -83,8 +95,9 @@ def cmd_bench(args: argparse.Namespace, bif_options: dict[str, Any]) -> int:
         )
         from bif.bench.runner import DEFAULT_METHODS
 
-        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        if args.methods == ",".join(DEFAULT_METHODS):  # --methods left at the LDS default
+        text = args.methods or ",".join(DEFAULT_METHODS)
+        methods = tuple(m.strip() for m in text.split(",") if m.strip())
+        if text == ",".join(DEFAULT_METHODS):  # --methods left at the LDS default
             methods = DEFAULT_MISLABEL_METHODS
         unknown = [m for m in methods if m not in MISLABEL_METHODS]
         if unknown:
@@ -112,7 +125,8 @@ def cmd_bench(args: argparse.Namespace, bif_options: dict[str, Any]) -> int:
                   **bif_options)  # fmt: skip
         print(f"wrote {args.out / (args.setting + '-sweep.json')} and .png")
     else:
-        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        text = args.methods or ",".join(SETTING_METHODS.get(args.setting, DEFAULT_METHODS))
+        methods = tuple(m.strip() for m in text.split(",") if m.strip())
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise ConfigError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}.")

@@ -83,6 +83,29 @@ METHODS: dict[str, Callable[..., Attributor]] = {
 }
 DEFAULT_METHODS = ("bif", "grad-dot", "grad-cos", "if-exact", "if-cg", "tracin", "trak", "ekfac")
 TRACIN_CHECKPOINTS = 5
+# Per-setting defaults of method options (user options override them key by key).
+# shakespeare: the library's default BIF run (8 chains x 5,200 steps) takes ~1 s a step on 2
+# CPU cores; a shorter run keeps the library's rules (auto nβ, γ, step size, friction), with the
+# centred gradient of the LM demo (fine-tuning leaves a gradient at w*). TRAK's kernel needs
+# proj_dim < N = 128.
+SETTING_METHODS: dict[str, tuple[str, ...]] = {"shakespeare": ("bif", "grad-dot", "grad-cos",
+                                                                "ekfac", "trak")}  # fmt: skip
+SETTING_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "shakespeare": {
+        "bif": dict(num_chains=8, num_burnin=100, num_draws=200, thin=5, center_gradient=True),
+        "trak": dict(proj_dim=64),
+    },
+}
+
+
+def method_options_for(
+    setting_name: str, user: dict[str, dict[str, Any]] | None
+) -> dict[str, dict[str, Any]]:
+    """The setting's default method options overridden by ``user``'s, method by method."""
+    out = {m: dict(o) for m, o in SETTING_OPTIONS.get(setting_name, {}).items()}
+    for m, o in (user or {}).items():
+        out[m] = {**out.get(m, {}), **o}
+    return out
 
 
 @dataclass
@@ -96,11 +119,16 @@ class BenchRow:
     excluded_queries: int
     options: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    diagnostics: dict[str, Any] = field(default_factory=dict)  # e.g. BIF's draw-loss trace
 
 
 def make_context(setting: Setting, model: torch.nn.Module) -> AttributionContext:
-    """The shared inputs of every method: reference model, data, recipe and trajectory."""
-    checkpoints, lrs = trajectory(setting, TRACIN_CHECKPOINTS)
+    """The shared inputs of every method: reference model, data, recipe and trajectory (none
+    for settings without a bif.bench.training recipe, e.g. causal-lm: TracIn then skips)."""
+    if setting.training is None:
+        checkpoints, lrs = [], []
+    else:
+        checkpoints, lrs = trajectory(setting, TRACIN_CHECKPOINTS)
     return AttributionContext(
         model=model,
         x_train=setting.x_train,
@@ -145,8 +173,9 @@ def run_method(
         method = METHODS[name](**options)
         scores, seconds, peak_mb = measured(lambda: method.scores(ctx))
         res = lds(scores, gt_masks, gt_targets, n_boot=n_boot)
+        diag = method.diagnostics() if callable(getattr(method, "diagnostics", None)) else {}
         return BenchRow(name, res.mean, res.ci_low, res.ci_high, seconds, peak_mb,
-                        res.num_excluded, options)  # fmt: skip
+                        res.num_excluded, options, diagnostics=diag)  # fmt: skip
     except (ImportError, ConfigError) as e:
         log.warning("%s skipped: %s", name, e)
         nan = float("nan")
@@ -193,7 +222,7 @@ def run_bench(
     gt.check_setting(setting)
     model = train_reference(setting)
     ctx = make_context(setting, model)
-    options = method_options or {}
+    options = method_options_for(setting_name, method_options)
     masks, targets = gt.masks, gt.mean_targets()
 
     def run_one(name: str) -> BenchRow:
@@ -209,6 +238,8 @@ def run_bench(
         "num_subsets": gt.num_subsets,
         "num_seeds": gt.num_seeds,
         "test_accuracy": setting.accuracy(model),
+        "task": setting.task,
+        "method_options": options,
         **environment_meta(),
     }
     doc = {"meta": meta, "rows": [asdict(r) for r in rows]}
@@ -259,6 +290,7 @@ def run_sweep(
     gt = load_ground_truth(setting_name)
     gt.check_setting(setting)
     ctx = make_context(setting, train_reference(setting))
+    bif_options = {**method_options_for(setting_name, None).get("bif", {}), **bif_options}
     points = []
     for c in chains:
         for d in draws:

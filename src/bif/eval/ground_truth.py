@@ -151,7 +151,11 @@ def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def data_hash(setting: Setting) -> str:
     """A short hash of the setting's training and query tensors."""
     h = hashlib.sha256()
+    tensors: list[Tensor] = []
     for t in (setting.x_train, setting.y_train, setting.x_query, setting.y_query):
+        # token batches (causal-lm) are dicts of tensors: hashed in key order
+        tensors += [t[k] for k in sorted(t)] if isinstance(t, dict) else [t]
+    for t in tensors:
         h.update(f"{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -5,7 +5,8 @@ and records every query's output (its cross-entropy by default) into a
 :class:`~bif.eval.ground_truth.GroundTruth` artefact (masks, targets, seeds, done-mask, config
 and provenance; see that module for the files).
 
-Models are trained ``models_per_batch`` at a time (the setting's batched trainer) and the artefact
+Models are trained ``models_per_batch`` at a time (the setting's batched trainer, or its
+``retrain_outputs`` loop where it has one, as the language-model setting does) and the artefact
 is rewritten after each batch, so a killed run loses only the batch in flight and a rerun with
 the same arguments resumes; different arguments raise :class:`~bif.errors.ArtifactError` with a
 diff. Batches are fixed slices of the (m, r) pairs in row-major order, so a resumed run trains
@@ -98,7 +99,8 @@ def run_retraining(
         setting: data, model and recipe (:func:`bif.bench.settings.load_setting`).
         path: artefact stem (``.safetensors`` / ``.json`` are appended).
         alpha: subset fraction; num_subsets: M; num_seeds: R; seed: draws subsets and seeds.
-        output: "loss" (query cross-entropy) or "margin" (true logit minus the best other).
+        output: "loss" (query cross-entropy; causal-lm: the query's sequence loss) or "margin"
+            (true logit minus the best other).
         models_per_batch: models trained at once (and lost at most on a kill).
         max_batches: stop after this many batches (None: until done); the artefact stays
             resumable.
@@ -112,6 +114,10 @@ def run_retraining(
     """
     if output not in OUTPUTS:
         raise ConfigError(f"output must be one of {OUTPUTS}, got {output!r}.")
+    if setting.retrain_outputs is not None and output != "loss":
+        raise ConfigError(
+            f"setting {setting.name!r} records the query loss only; use output='loss'."
+        )
     for name, v in (("num_subsets", num_subsets), ("num_seeds", num_seeds),
                     ("models_per_batch", models_per_batch)):  # fmt: skip
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -140,10 +146,15 @@ def run_retraining(
         t0 = time.perf_counter()
         ms, rs = torch.tensor([p[0] for p in todo]), torch.tensor([p[1] for p in todo])
         idx = torch.stack([gt.masks[m].nonzero().squeeze(1) for m in ms.tolist()])  # [B, K]
-        module, params = setting.train_batched(idx, gt.seeds[ms, rs])
-        logits = batched_logits(module, params, setting.x_query)  # [B, Q, C]
-        gt.targets[ms, rs] = query_outputs(logits, setting.y_query, output).float()
-        gt.query_accuracy[ms, rs] = (logits.argmax(-1) == setting.y_query).float().mean(-1)
+        if setting.retrain_outputs is not None:  # e.g. causal-lm: its own loop and output
+            gt.targets[ms, rs], gt.query_accuracy[ms, rs] = setting.retrain_outputs(
+                idx, gt.seeds[ms, rs]
+            )
+        else:
+            module, params = setting.train_batched(idx, gt.seeds[ms, rs])  # type: ignore[misc]
+            logits = batched_logits(module, params, setting.x_query)  # [B, Q, C]
+            gt.targets[ms, rs] = query_outputs(logits, setting.y_query, output).float()
+            gt.query_accuracy[ms, rs] = (logits.argmax(-1) == setting.y_query).float().mean(-1)
         gt.done[ms, rs] = True
         gt.meta["wall_seconds"] += time.perf_counter() - t0
         gt.meta["complete"] = gt.complete

