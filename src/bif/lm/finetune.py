@@ -22,7 +22,7 @@ import torch
 
 from bif.demo import torch_threads
 from bif.errors import ConfigError, DataError
-from bif.lm.tiny import pad_batch, token_losses
+from bif.lm.tiny import run_epochs
 
 
 @dataclass(frozen=True)
@@ -71,17 +71,7 @@ def finetune(
         warm = max(1, recipe.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         gen = torch.Generator().manual_seed(seed)
-        for _ in range(recipe.epochs):
-            order = torch.randperm(len(sequences), generator=gen).tolist()
-            for start in range(0, len(order), recipe.batch_size):
-                ids, mask = pad_batch(
-                    [sequences[i] for i in order[start : start + recipe.batch_size]]
-                )
-                loss = token_losses(model, ids, mask).sum() / mask[:, 1:].sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+        run_epochs(model, opt, sched, sequences, recipe.epochs, recipe.batch_size, gen)
     return model.eval()
 
 

@@ -223,21 +223,35 @@ def train_tiny_lm(
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, total, recipe))
         gen = torch.Generator().manual_seed(seed + 1)  # separate stream from the init
         bar = tqdm(total=total, desc="tiny LM", disable=not progress, leave=False)
-        for _ in range(recipe.epochs):
-            order = torch.randperm(len(sequences), generator=gen).tolist()
-            for start in range(0, len(order), recipe.batch_size):
-                ids, mask = pad_batch(
-                    [sequences[i] for i in order[start : start + recipe.batch_size]]
-                )
-                loss = token_losses(model, ids, mask).sum() / mask[:, 1:].sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        run_epochs(model, opt, sched, sequences, recipe.epochs, recipe.batch_size, gen, bar)
         bar.close()
     return model.eval()
+
+
+def run_epochs(
+    model: Any,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    sequences: Sequence[Sequence[int]],
+    epochs: int,
+    batch_size: int,
+    gen: torch.Generator,
+    bar: Any = None,
+) -> None:
+    """``epochs`` shuffled passes of minibatch steps on the mean next-token loss over real
+    tokens (shared by pretraining and :func:`bif.lm.finetune.finetune`)."""
+    for _ in range(epochs):
+        order = torch.randperm(len(sequences), generator=gen).tolist()
+        for start in range(0, len(order), batch_size):
+            ids, mask = pad_batch([sequences[i] for i in order[start : start + batch_size]])
+            loss = token_losses(model, ids, mask).sum() / mask[:, 1:].sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if bar is not None:
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
 
 
 def _lr_factor(step: int, total: int, recipe: TinyLMRecipe) -> float:
