@@ -114,8 +114,8 @@ class TokenTraces:
     def _estimate(self, b: Tensor, train_cols: Tensor | None, kind: Kind) -> Tensor:
         """``[rows, kn]`` from centred query-side traces ``b`` ``[C, D, rows]``."""
         c, d = b.shape[:2]
-        n = self.train.shape[2] if train_cols is None else len(train_cols)
         cols = torch.arange(self.train.shape[2]) if train_cols is None else train_cols
+        n = len(cols)
         out = torch.empty(b.shape[2], n, dtype=torch.float64)
         var_b = (b * b).sum(1).mean(0) / (d - 1)  # [rows]
         step = self._block_cols(b.shape[2])
@@ -175,10 +175,11 @@ class TokenTraces:
         q = int(self.query_index[:, 0].max()) + 1
         n = int(self.train_index[:, 0].max()) + 1
         out = torch.zeros(q, n, dtype=torch.float64)
+        b = self._columns("query", None)  # centred once, shared by every block
         step = self._block_cols(self.query.shape[2])
         for start in range(0, self.train.shape[2], step):
             cols = torch.arange(start, min(start + step, self.train.shape[2]))
-            block = self._estimate(self._columns("query", None), cols, "bif")  # [Kq, k]
+            block = self._estimate(b, cols, "bif")  # [Kq, k]
             # Sum token rows into query sequences and token columns into train sequences.
             rows = torch.zeros(q, block.shape[1], dtype=torch.float64)
             rows.index_add_(0, self.query_index[:, 0], block)

@@ -78,16 +78,19 @@ class CausalLMTask:
 
     def token_mask(self, batch: Any) -> Tensor:
         """``[B, S]`` bool: which token losses are attributed (position 0 never is)."""
-        _, _, lm = self._parts(batch)
-        mask = lm.clone()
+        return self._attributed(self._parts(batch)[2])
+
+    @staticmethod
+    def _attributed(loss_mask: Tensor) -> Tensor:
+        mask = loss_mask.clone()
         mask[:, 0] = False
         return mask
 
     # -- model parts (pure; vmappable over chains) --------------------------------------------
     def token_losses(self, model: ModelFn, batch: Any) -> Tensor:
         """Per-token losses ``[B, S]`` (float32), zero wherever :meth:`token_mask` is False."""
-        ids, attn, _ = self._parts(batch)
-        mask = self.token_mask(batch)
+        ids, attn, lm = self._parts(batch)
+        mask = self._attributed(lm)
         s = ids.shape[1]
         # The batch is shared by all chains (never a vmapped tensor), so its length is a plain
         # int even inside torch.func.vmap.
