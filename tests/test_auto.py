@@ -47,31 +47,40 @@ def exact_lambda_max(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> floa
 
 
 def test_auto_rules_match_their_formulas() -> None:
+    """The unit-mass rules (precondition_rank=0); test_mass.py checks them in the mass's frame."""
     model, train, query = problem()
-    res = bif.attribute(model, train, query, dtype=torch.float64, **SMALL)
+    res = bif.attribute(model, train, query, dtype=torch.float64, precondition_rank=0, **SMALL)
     cfg, meta = res.config, res.meta
     w_sq = sum(float(p.detach().pow(2).sum()) for p in model.parameters())
     num = sum(p.numel() for p in model.parameters())
     lam = exact_lambda_max(model, *train)
     assert meta["lambda_max"] == pytest.approx(lam, rel=1e-2)
     assert cfg.gamma == pytest.approx(num / (0.1**2 * w_sq))
-    assert cfg.nbeta == pytest.approx(cfg.gamma * 150 / meta["lambda_max"])
-    assert cfg.damping == pytest.approx(meta["lambda_max"] / 150)
+    cond = BIFConfig().condition
+    assert cfg.nbeta == pytest.approx(cfg.gamma * cond / meta["lambda_max"])
+    assert cfg.damping == pytest.approx(meta["lambda_max"] / cond)
     assert cfg.step_size == pytest.approx(1 / math.sqrt(cfg.nbeta * meta["lambda_max"] + cfg.gamma))
     assert cfg.friction == pytest.approx(2 * math.sqrt(cfg.gamma))
     assert meta["auto"] == ["friction", "gamma", "nbeta", "step_size"]
     assert meta["step_size_rule"] == "auto"
 
 
+@pytest.mark.filterwarnings("ignore:the local posterior is not normalisable")  # untrained model
 def test_given_values_are_kept_and_only_missing_ones_derived() -> None:
     model, train, query = problem()
-    res = bif.attribute(model, train, query, gamma=50.0, condition=10.0, **SMALL)
+    res = bif.attribute(model, train, query, gamma=50.0, condition=10.0, precondition_rank=0,
+                        **SMALL)  # fmt: skip
     assert res.config.gamma == 50.0
     assert res.config.damping == pytest.approx(res.meta["lambda_max"] / 10)
     assert res.meta["auto"] == ["friction", "nbeta", "step_size"]
-    res = bif.attribute(model, train, query, nbeta=100.0, gamma=5.0, step_size=1e-3, **SMALL)
+    given = dict(nbeta=100.0, gamma=5.0, step_size=1e-3, **SMALL)
+    res = bif.attribute(model, train, query, precondition_rank=0, **given)
     assert (res.config.nbeta, res.config.gamma, res.config.step_size) == (100.0, 5.0, 1e-3)
     assert res.meta["lambda_max"] is None and res.meta["auto"] == ["friction"]
+    # The mass still needs the curvature, though no rule does.
+    res = bif.attribute(model, train, query, precondition_rank=4, **given)
+    assert (res.config.nbeta, res.config.gamma, res.config.step_size) == (100.0, 5.0, 1e-3)
+    assert res.meta["lambda_max"] > 0 and res.meta["preconditioner"]["rank"] == 4
 
 
 def test_rules_are_invariant_to_the_scale_of_the_weights_and_the_loss() -> None:

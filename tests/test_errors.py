@@ -209,11 +209,13 @@ def test_no_trainable_parameters(data) -> None:
 
 
 @pytest.mark.parametrize("vmap", [True, False])
-def test_divergence_overflow(data, vmap: bool) -> None:
-    """ε·γ/2 = 50: every step multiplies w - w* by ~-50, so float32 overflows within ~25 steps
-    of burn-in: the NaN/inf training loss must be caught at the step it appears."""
-    with pytest.raises(DivergenceError, match=r"Lower step_size \(now 1; try 0.1\)") as e:
-        run(data, step_size=1.0, num_burnin=60, vmap_chains=vmap)
+@pytest.mark.parametrize(("rank", "step"), [(0, 1.0), (64, 10.0)])
+def test_divergence_overflow(data, vmap: bool, rank: int, step: float) -> None:
+    """Unit mass: h²·γ = 100, far beyond BAOAB's stability limit h²·k < 4; with the low-rank
+    mass every direction has frequency >= 1, so h = 10 is as far beyond it. float32 overflows
+    within the burn-in: the NaN/inf training loss must be caught at the step it appears."""
+    with pytest.raises(DivergenceError, match=rf"Lower step_size \(now {step:g}; try") as e:
+        run(data, step_size=step, num_burnin=60, vmap_chains=vmap, precondition_rank=rank)
     assert 0 <= e.value.chain < KW["num_chains"]
     assert 0 < e.value.step < 60
     assert f"chain {e.value.chain} diverged at sampler step {e.value.step}" in str(e.value)
@@ -224,7 +226,8 @@ def test_divergence_before_overflow(data, vmap: bool) -> None:
     """A chain that explodes but is still finite after a few steps (losses ~1e30) must not be
     averaged into scores of ~1e60: its energy far exceeds anything the posterior allows."""
     with pytest.raises(DivergenceError, match="step_size") as e:
-        run(data, step_size=1.0, num_burnin=2, num_draws=3, vmap_chains=vmap)
+        run(data, step_size=1.0, num_burnin=2, num_draws=3, vmap_chains=vmap,
+            precondition_rank=0)  # fmt: skip
     assert 0 <= e.value.chain < KW["num_chains"]
     assert e.value.step == KW["num_burnin"]  # detected at the first draw, nothing returned
 

@@ -14,15 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from bif import __version__
+from bif.auto import resolve_auto
 from bif.checkpoint import fingerprint
 from bif.config import AUTO_FIELDS, BIFConfig
-from bif.curvature import (
-    auto_friction,
-    auto_gamma,
-    auto_nbeta,
-    auto_step_size,
-    top_hessian_eigenvalue,
-)
 from bif.data import DataSource
 from bif.errors import ConfigError, DataError
 from bif.estimator import estimate
@@ -125,11 +119,11 @@ def attribute(
         task_name = getattr(the_task, "name", type(the_task).__name__)
         fp = fingerprint(fmodel.w_star, len(train_src), len(query_src), task_name)
         t0 = time.perf_counter()
-        cfg, lambda_max = _resolve_auto(cfg, fmodel, the_task, train_src)
+        rd = Path(run_dir) if run_dir is not None else None
+        cfg, curv = resolve_auto(cfg, fmodel, the_task, train_src, rd, fp)
         out = run_chains(
-            fmodel, the_task, train_src, query_src, cfg, progress=progress,
-            run_dir=Path(run_dir) if run_dir is not None else None,
-            checkpoint_every=checkpoint_every, fingerprint=fp,
+            fmodel, the_task, train_src, query_src, cfg, progress=progress, run_dir=rd,
+            checkpoint_every=checkpoint_every, fingerprint=fp, mass=curv.mass,
         )  # fmt: skip
         wall = time.perf_counter() - t0
     finally:
@@ -148,7 +142,8 @@ def attribute(
         "damping": cfg.damping,
         "step_size_rule": "auto" if requested.step_size == "auto" else "given",
         "auto": [k for k in AUTO_FIELDS if getattr(requested, k) == "auto"],
-        "lambda_max": lambda_max,
+        "lambda_max": curv.lambda_max,
+        "preconditioner": curv.info,
         "sampling_seconds": wall,
         "resumed": out.resumed,
         "fingerprint": fp,
@@ -170,57 +165,6 @@ def attribute(
         meta=meta,
         tokens=out.tokens,
     )
-
-
-def _resolve_auto(
-    cfg: BIFConfig, fmodel: FunctionalModel, task: Task, train: DataSource
-) -> tuple[BIFConfig, float | None]:
-    """Replace every 'auto' field by its rule, in dependency order (γ -> nβ -> step size and
-    friction); λ_max is estimated once, only when a rule needs it."""
-    lambda_max = None
-    if cfg.step_size == "auto" or cfg.nbeta == "auto":
-        lambda_max = _lambda_max(fmodel, task, train, cfg)
-    if cfg.gamma == "auto":
-        cfg = cfg.replace(gamma=auto_gamma(fmodel.w_star, cfg.radius))
-    if cfg.nbeta == "auto":
-        assert lambda_max is not None and not isinstance(cfg.gamma, str)
-        cfg = cfg.replace(nbeta=auto_nbeta(cfg.gamma, lambda_max, cfg.condition))
-    if cfg.step_size == "auto":
-        assert lambda_max is not None
-        cfg = cfg.replace(step_size=auto_step_size(lambda_max, cfg))
-    if cfg.friction == "auto":
-        cfg = cfg.replace(friction=auto_friction(cfg))
-    if lambda_max is not None:
-        log.info("λ_max(H) = %.4g: nβ = %.4g, γ = %.4g, damping = %.3g, step_size = %.4g",
-                 lambda_max, cfg.nbeta, cfg.gamma, cfg.damping, cfg.step_size)  # fmt: skip
-    return cfg, lambda_max
-
-
-# Power iteration on at most this many training examples: λ_max of the mean loss is a smooth
-# average, and a fixed subsample keeps the cost independent of the data set size.
-LAMBDA_MAX_EXAMPLES = 4096
-
-
-def _lambda_max(fmodel: FunctionalModel, task: Task, train: DataSource, cfg: BIFConfig) -> float:
-    """Top Hessian eigenvalue of the mean training loss at w* (power iteration, seeded)."""
-    n = len(train)
-    if n > LAMBDA_MAX_EXAMPLES:
-        g = torch.Generator().manual_seed(cfg.seed)
-        index = torch.randperm(n, generator=g)[:LAMBDA_MAX_EXAMPLES].sort().values
-    else:
-        index = torch.arange(n)
-    chunks, sizes = [], []
-    for start in range(0, len(index), cfg.chunk_size):
-        part = index[start : start + cfg.chunk_size]
-        chunks.append(train.batch(part))
-        sizes.append(len(part))
-    lam = top_hessian_eigenvalue(fmodel, task, chunks, sizes, seed=cfg.seed)
-    if not math.isfinite(lam):
-        raise DataError(
-            "the Hessian of the training loss at the checkpoint is not finite; check the model "
-            "and data, or pass a numeric step_size."
-        )
-    return lam
 
 
 @torch.no_grad()

@@ -34,9 +34,9 @@ class BIFConfig:
     """
 
     num_chains: int = _f(8, "independent chains, all started at w*; >= 2 gives standard errors")
-    num_draws: int = _f(500, "draws recorded per chain after burn-in")
+    num_draws: int = _f(2000, "draws recorded per chain after burn-in")
     num_burnin: int = _f(200, "sampler steps discarded before the first draw")
-    thin: int = _f(10, "sampler steps between two recorded draws")
+    thin: int = _f(1, "sampler steps between two recorded draws")
     step_size: float | Literal["auto"] = _f(
         "auto",
         "step size (ε for 'sgld'/'rmsprop', time step h for 'kinetic'), or 'auto' from a "
@@ -55,8 +55,9 @@ class BIFConfig:
         "flat directions spread by radius × the weights' RMS",
     )
     condition: float = _f(
-        150.0,
-        "with nbeta='auto': target condition number λ_max(H)/damping of the sampled posterior",
+        500.0,
+        "with nbeta='auto': target condition number λ_max(H)/damping of the sampled posterior "
+        "(lowered if the Hessian's negative curvature would make the local posterior improper)",
     )
     radius: float = _f(
         0.1,
@@ -72,8 +73,14 @@ class BIFConfig:
     )
     friction: float | Literal["auto"] = _f(
         "auto",
-        "friction f of the 'kinetic' sampler, or 'auto' = 2·sqrt(γ): critical damping of the "
-        "flattest direction of the posterior",
+        "friction f of the 'kinetic' sampler, or 'auto': 2 with the low-rank mass (critical "
+        "damping of the bulk of directions, whose frequency the mass sets to 1), 2·sqrt(γ) with "
+        "unit mass",
+    )
+    precondition_rank: int = _f(
+        64,
+        "'kinetic' sampler: mass matrix γI + the top-k Hessian eigenpairs at w* (Lanczos on "
+        "HVPs), which moves every direction at the same frequency; 0 = unit mass",
     )
     rmsprop_alpha: float = _f(0.99, "RMSProp decay α of the squared-gradient average")
     rmsprop_eps: float = _f(0.1, "RMSProp ε in the preconditioner 1/(sqrt(V)+ε)")
@@ -88,9 +95,10 @@ class BIFConfig:
         "stay in the model's dtype; None: the model's dtype",
     )
     center_gradient: bool = _f(
-        False,
-        "remove nβ·∇L_n(w*) from the potential so w* is stationary: for a checkpoint that is not "
-        "a minimum of the attributed data's loss (e.g. a pretrained LM attributed on a subset)",
+        True,
+        "remove nβ·∇L_n(w*) from the potential so w* is stationary when it is not a minimum of "
+        "the attributed data's loss (early stopping, weight decay, a subset of the data); the "
+        "posterior is then centred on w* with the same Hessian",
     )
     seed: int = _f(0, "seed of every chain's noise and minibatches (chain c uses seed, c)")
     max_token_trace_mb: float = _f(
@@ -136,7 +144,7 @@ class BIFConfig:
             "gamma": "larger gamma keeps samples closer to the checkpoint",
             "rmsprop_eps": "the authors' default is 0.1",
         }
-        hints["condition"] = "150 means damping = λ_max/150"
+        hints["condition"] = "500 means damping = λ_max/500"
         hints["radius"] = "0.1 lets flat directions move by 10% of the weights' RMS"
         hints["max_token_trace_mb"] = "traces are kept in memory; restrict the tokens instead"
         for name, hint in hints.items():
@@ -172,6 +180,11 @@ class BIFConfig:
         for name in ("vmap_chains", "center_gradient"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        r = self.precondition_rank
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ConfigError(
+                f"precondition_rank must be an integer >= 0 (0 = no preconditioning), got {r!r}."
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
@@ -20,6 +22,7 @@ from torch.func import grad, jvp, vjp
 from bif.config import BIFConfig
 from bif.errors import ConfigError
 from bif.functional import FunctionalModel, Params
+from bif.sampler.mass import LowRankMass, flatten, unflatten
 from bif.task import Task
 
 log = logging.getLogger(__name__)
@@ -35,26 +38,11 @@ def _dot(a: Params, b: Params) -> Tensor:
     return sum((a[k] * b[k]).sum() for k in a)  # type: ignore[return-value]
 
 
-def top_hessian_eigenvalue(
-    fmodel: FunctionalModel,
-    task: Task,
-    chunks: list[Any],
-    sizes: list[int],
-    iters: int = 20,
-    seed: int = 0,
-    tol: float = 1e-3,
-) -> float:
-    """Largest-magnitude eigenvalue of the Hessian of the mean loss over ``chunks`` at w*.
-
-    Args:
-        fmodel: the functional model; w* are its sampled parameters.
-        task: gives the per-sample loss.
-        chunks: batches covering the examples whose mean loss is taken.
-        sizes: number of examples in each chunk.
-        iters: maximum power iterations.
-        seed: seed of the random start vector.
-        tol: stop when the estimate changes by less than this relative amount.
-    """
+def hessian_operator(
+    fmodel: FunctionalModel, task: Task, chunks: list[Any], sizes: list[int]
+) -> Callable[[Params], Params]:
+    """``v -> H v`` at w* for the Hessian H of the mean loss over ``chunks`` (sizes: examples
+    per chunk), summed chunk by chunk so activation memory stays that of one chunk."""
     n = sum(sizes)
     w = fmodel.w_star
 
@@ -77,10 +65,11 @@ def top_hessian_eigenvalue(
             if "derivative" not in str(e) and "not implemented" not in str(e).lower():
                 raise
             raise ConfigError(
-                "the 'auto' rules need Hessian-vector products, but an op of this model has no "
-                f"second derivative ({str(e).splitlines()[0]}). For Hugging Face models load "
-                "them with attn_implementation='eager' (fused attention kernels have none on "
-                "the CPU), or pass numeric step_size and nbeta."
+                "the 'auto' rules and the preconditioner need Hessian-vector products, but an op "
+                f"of this model has no second derivative ({str(e).splitlines()[0]}). For Hugging "
+                "Face models load them with attn_implementation='eager' (fused attention kernels "
+                "have none on the CPU), or pass numeric step_size and nbeta and "
+                "precondition_rank=0."
             ) from e
 
     def hvp(v: Params) -> Params:
@@ -91,23 +80,159 @@ def top_hessian_eigenvalue(
         assert out is not None
         return out
 
+    return hvp
+
+
+def power_iteration(
+    op: Callable[[Params], Params],
+    like: Params,
+    iters: int = 20,
+    seed: int = 0,
+    tol: float = 1e-3,
+    signed: bool = False,
+) -> float:
+    """Largest-magnitude eigenvalue of the symmetric linear map ``op`` (on dicts like ``like``),
+    from a seeded random start; stops when the Rayleigh quotient changes by less than ``tol``
+    relative. Its absolute value, or with ``signed`` the Rayleigh quotient itself."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    v = {k: torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) for k, p in w.items()}
+    v = {k: torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) for k, p in like.items()}
     norm = math.sqrt(float(_dot(v, v)))
     v = {k: x / norm for k, x in v.items()}
     estimate = 0.0
     for _ in range(iters):
-        hv = hvp(v)
+        hv = op(v)
         new = float(_dot(v, hv))
         norm = math.sqrt(float(_dot(hv, hv)))
         if norm == 0.0 or not math.isfinite(norm):
-            return abs(new) if math.isfinite(new) else math.inf
+            if not math.isfinite(new):
+                return math.inf
+            return new if signed else abs(new)
         v = {k: x / norm for k, x in hv.items()}
         if abs(new - estimate) <= tol * abs(new):
             estimate = new
             break
         estimate = new
-    return abs(estimate)
+    return estimate if signed else abs(estimate)
+
+
+def top_hessian_eigenvalue(
+    fmodel: FunctionalModel,
+    task: Task,
+    chunks: list[Any],
+    sizes: list[int],
+    iters: int = 20,
+    seed: int = 0,
+    tol: float = 1e-3,
+) -> float:
+    """Largest-magnitude eigenvalue of the Hessian of the mean loss over ``chunks`` at w*.
+
+    Args:
+        fmodel: the functional model; w* are its sampled parameters.
+        task: gives the per-sample loss.
+        chunks: batches covering the examples whose mean loss is taken.
+        sizes: number of examples in each chunk.
+        iters: maximum power iterations.
+        seed: seed of the random start vector.
+        tol: stop when the estimate changes by less than this relative amount.
+    """
+    hvp = hessian_operator(fmodel, task, chunks, sizes)
+    return power_iteration(hvp, fmodel.w_star, iters, seed, tol)
+
+
+def top_hessian_eigenpairs(
+    hvp: Callable[[Params], Params], like: Params, k: int, seed: int = 0, tol: float = 1e-3
+) -> tuple[Tensor, Tensor, int]:
+    """The ``k`` algebraically largest eigenpairs of the Hessian behind ``hvp``.
+
+    Implicitly restarted Lanczos (ARPACK through ``scipy.sparse.linalg.eigsh``) on HVPs; for
+    ``P <= 4k`` parameters the dense Hessian is built from P HVPs instead (Lanczos then needs
+    about as many). Computed in float64 on the CPU.
+
+    Returns:
+        eigenvalues ``[k]`` (descending), eigenvectors ``[P, k]`` (orthonormal columns, float64)
+        and the number of HVPs spent.
+    """
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    ref = next(iter(like.values()))
+    num = sum(v.numel() for v in like.values())
+    count = 0
+
+    def matvec(x: Tensor) -> Tensor:
+        nonlocal count
+        count += 1
+        hv = hvp(unflatten(x.to(ref.device, ref.dtype), like))
+        return flatten(hv, chain_dim=False).to("cpu", torch.float64)
+
+    if num <= 4 * k:
+        eye = torch.eye(num, dtype=torch.float64)
+        dense = torch.stack([matvec(eye[i]) for i in range(num)])
+        vals, vecs = torch.linalg.eigh(0.5 * (dense + dense.T))
+        vals, vecs = vals.flip(0)[:k], vecs.flip(1)[:, :k]
+        return vals, vecs, count
+    op = LinearOperator(
+        (num, num),
+        matvec=lambda x: matvec(torch.from_numpy(np.ascontiguousarray(x).reshape(-1))).numpy(),
+        dtype=np.float64,
+    )
+    v0 = np.random.default_rng(seed).standard_normal(num)
+    vals_np, vecs_np = eigsh(op, k=k, which="LA", v0=v0, tol=tol)
+    order = np.argsort(vals_np)[::-1]
+    vals = torch.from_numpy(vals_np[order].copy())
+    vecs = torch.from_numpy(np.ascontiguousarray(vecs_np[:, order]))
+    return vals, vecs, count
+
+
+def lowrank_mass(
+    vals: Tensor, vecs: Tensor, nbeta: float, gamma: float, like: Params
+) -> LowRankMass:
+    """``M = γI + U diag(nβμ)Uᵀ`` over the eigenpairs with μ > 0 (device and dtype of ``like``)."""
+    keep = vals > 0
+    ref = next(iter(like.values()))
+    curvature = nbeta * vals[keep] + gamma
+    return LowRankMass(gamma, vecs[:, keep], curvature).to(ref.device, ref.dtype)
+
+
+def preconditioned_kmax(
+    hvp: Callable[[Params], Params], mass: LowRankMass, nbeta: float, gamma: float,
+    like: Params, seed: int = 0,
+) -> float:  # fmt: skip
+    """Top (algebraic) eigenvalue of ``M^-½ (nβH + γI) M^-½``: the stiffest squared frequency
+    left. A negatively curved direction (H's most negative eigenvalue beyond -γ/nβ, which the
+    mass leaves at γ) can dominate plain power iteration; the iteration is then repeated with
+    that eigenvalue shifted away."""
+
+    def op(v: Params, shift: float = 0.0) -> Params:
+        x = flatten(v, chain_dim=False)
+        y = mass.inverse_sqrt(x)
+        ay = nbeta * flatten(hvp(unflatten(y, like)), chain_dim=False) + gamma * y
+        return unflatten(mass.inverse_sqrt(ay) + shift * x, like)
+
+    top = power_iteration(op, like, iters=30, seed=seed, signed=True)
+    if top < 0:
+        shift = -top
+        top = power_iteration(lambda v: op(v, shift), like, iters=30, seed=seed, signed=True)
+        top -= shift
+    return top
+
+
+def preconditioned_kmin(
+    hvp: Callable[[Params], Params], mass: LowRankMass, nbeta: float, gamma: float,
+    like: Params, kmax: float, seed: int = 0,
+) -> float:  # fmt: skip
+    """Bottom eigenvalue of ``M^-½ (nβH + γI) M^-½`` (power iteration on ``kmax·I`` minus it).
+
+    The bulk sits at 1, so a negatively curved direction, if any, stands out and converges in a
+    few dozen HVPs; with none the estimate stays near 1 (it is an upper bound either way). Below
+    0 the local posterior is not normalisable along that direction: chains leave w* there."""
+
+    def op(v: Params) -> Params:
+        x = flatten(v, chain_dim=False)
+        y = mass.inverse_sqrt(x)
+        ay = nbeta * flatten(hvp(unflatten(y, like)), chain_dim=False) + gamma * y
+        return unflatten(kmax * x - mass.inverse_sqrt(ay), like)
+
+    return kmax - power_iteration(op, like, iters=30, seed=seed + 1, signed=True)
 
 
 def auto_step_size(lambda_max: float, cfg: BIFConfig) -> float:

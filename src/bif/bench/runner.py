@@ -92,7 +92,15 @@ SETTING_METHODS: dict[str, tuple[str, ...]] = {"shakespeare": ("bif", "grad-dot"
                                                                 "ekfac", "trak")}  # fmt: skip
 SETTING_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
     "shakespeare": {
-        "bif": dict(num_chains=8, num_burnin=100, num_draws=200, thin=5, center_gradient=True),
+        # Unit mass, as in `bif demo lm` (bif.lm.demo.DEMO_CONFIG says why).
+        "bif": dict(
+            num_chains=8,
+            num_burnin=100,
+            num_draws=200,
+            thin=5,
+            center_gradient=True,
+            precondition_rank=0,
+        ),
         "trak": dict(proj_dim=64),
     },
 }

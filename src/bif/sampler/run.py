@@ -30,6 +30,7 @@ from bif.lm.task import is_token_task
 from bif.observables import Evaluator, query_observables, train_losses
 from bif.posterior import LocalPosterior
 from bif.sampler import kinetic, rmsprop, sgld
+from bif.sampler.mass import LowRankMass
 from bif.sampler.rng import ChainRandom
 from bif.task import Task
 from bif.tokens import TokenTraces
@@ -80,9 +81,11 @@ def run_chains(
     run_dir: Path | None = None,
     checkpoint_every: int = 50,
     fingerprint: str = "",
+    mass: LowRankMass | None = None,
 ) -> RunOutput:
     """Sample ``cfg.num_chains`` chains and stream their draws into per-chain moments.
 
+    ``mass`` is the kinetic sampler's mass matrix (:func:`bif.auto.resolve_auto` builds it).
     With ``run_dir``, the state is saved every ``checkpoint_every`` draws and at the end of each
     chain group; a later call with the same config and model resumes from it.
     """
@@ -212,7 +215,7 @@ def run_chains(
             if cfg.sampler == "sgld":
                 state, _ = sgld.step(state, pgrad, noise, cfg.step_size)
             elif cfg.sampler == "kinetic":
-                state, _ = kinetic.step(state, pgrad, noise, cfg.step_size, cfg.friction)
+                state, _ = kinetic.step(state, pgrad, noise, cfg.step_size, cfg.friction, mass)
             else:
                 state, _ = rmsprop.step(
                     state, pgrad, grads, noise, cfg.step_size, cfg.rmsprop_alpha, cfg.rmsprop_eps

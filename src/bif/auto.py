@@ -1,0 +1,227 @@
+"""Resolving the 'auto' rules and the kinetic sampler's mass matrix at the checkpoint.
+
+One curvature pass at w* serves every rule: the top Hessian eigenvalue λ_max (power iteration,
+or the first of the top-k eigenpairs when the sampler is preconditioned) fixes nβ and the step
+size; the eigenpairs give the low-rank mass (:mod:`bif.sampler.mass`). With a ``run_dir`` the
+eigenpairs are stored there (``curvature.safetensors``) so that a resumed run samples with
+bit-identical settings instead of re-running the eigensolver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bif.config import BIFConfig
+from bif.curvature import (
+    KINETIC_STEP_FACTOR,
+    auto_friction,
+    auto_gamma,
+    auto_nbeta,
+    auto_step_size,
+    hessian_operator,
+    lowrank_mass,
+    power_iteration,
+    preconditioned_kmax,
+    preconditioned_kmin,
+    top_hessian_eigenpairs,
+)
+from bif.data import DataSource
+from bif.errors import DataError
+from bif.functional import FunctionalModel
+from bif.sampler.mass import LowRankMass
+from bif.task import Task
+
+log = logging.getLogger(__name__)
+
+# Curvature on at most this many training examples: the mean loss's Hessian is a smooth
+# average, and a fixed subsample keeps the cost independent of the data set size.
+LAMBDA_MAX_EXAMPLES = 4096
+CURVATURE_FILE = "curvature.safetensors"
+# Lanczos keeps about 2k+1 float64 vectors of P entries; the rank is lowered to fit this budget
+# (a 7M-parameter model gets k ~ 8; below 2 the sampler runs with unit mass).
+LANCZOS_BUDGET_MB = 2048
+# With nbeta='auto', nβ is lowered (the condition with it) until the flattest direction of the
+# preconditioned posterior has at least this curvature relative to the prior's: a Hessian
+# eigenvalue mu < 0 gives that direction 1 + nβ·mu/γ, and at or below 0 the local posterior
+# does not exist (chains leave w* along it). 0.5: the likelihood may cancel at most half of the
+# localisation in any direction.
+KMIN_FLOOR = 0.5
+
+
+@dataclass
+class Curvature:
+    """What the curvature pass found (recorded in ``result.meta``)."""
+
+    lambda_max: float | None = None
+    mass: LowRankMass | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def preconditioned(cfg: BIFConfig) -> bool:
+    return cfg.sampler == "kinetic" and cfg.precondition_rank > 0
+
+
+def affordable_rank(rank: int, num_params: int) -> int:
+    """The largest rank <= ``rank`` whose Lanczos workspace fits LANCZOS_BUDGET_MB (and < P)."""
+    fit = int((LANCZOS_BUDGET_MB * 2**20 / (8 * num_params) - 1) // 2)
+    return max(0, min(rank, fit, num_params - 1))
+
+
+def resolve_auto(
+    cfg: BIFConfig,
+    fmodel: FunctionalModel,
+    task: Task,
+    train: DataSource,
+    run_dir: Path | None = None,
+    fingerprint: str = "",
+) -> tuple[BIFConfig, Curvature]:
+    """Replace every 'auto' field by its rule, in dependency order (γ -> nβ -> mass -> step
+    size and friction), and build the mass matrix of a preconditioned kinetic sampler.
+
+    Without preconditioning: h = 1/sqrt(nβ·λ_max + γ), f = 2·sqrt(γ) (unit mass). With it, the
+    same rules in the mass's frame: h = 1/sqrt(k'_max) with k'_max the top eigenvalue of
+    ``M^-½ (nβH + γI) M^-½`` (power iteration), and f = 2, critical damping of the bulk of
+    directions, whose frequency the mass sets to 1. The bottom eigenvalue k'_min exposes
+    negative curvature: with nbeta='auto' the condition is lowered until k'_min >= KMIN_FLOOR;
+    with a given nβ a non-normalisable posterior (k'_min <= 0) is warned about.
+    """
+    pre = preconditioned(cfg)
+    if pre:
+        rank = affordable_rank(cfg.precondition_rank, fmodel.num_params)
+        if rank < 2:
+            warnings.warn(
+                f"precondition_rank={cfg.precondition_rank} needs a Lanczos workspace of "
+                f"~{(2 * cfg.precondition_rank + 1) * 8 * fmodel.num_params / 2**20:.0f} MB "
+                f"for {fmodel.num_params} parameters (budget {LANCZOS_BUDGET_MB} MB): sampling "
+                "with unit mass instead. Sample fewer parameters (freeze the rest) to get the "
+                "preconditioner, or pass precondition_rank=0 to silence this.",
+                stacklevel=3,
+            )
+            pre = False
+        elif rank < cfg.precondition_rank:
+            log.warning("precondition_rank lowered from %d to %d to fit the Lanczos budget",
+                        cfg.precondition_rank, rank)  # fmt: skip
+    need_lambda = cfg.step_size == "auto" or cfg.nbeta == "auto"
+    curv = Curvature()
+    t0 = time.perf_counter()
+    w = fmodel.w_star
+    hvp = hessian_operator(fmodel, task, *_curvature_chunks(train, cfg))
+    if pre:
+        vals, vecs, hvps = _eigenpairs(hvp, fmodel, cfg, rank, run_dir, fingerprint)
+        curv.lambda_max = float(vals[0])
+        curv.info.update(rank=int(vals.numel()), hvps=hvps)
+    elif need_lambda:
+        curv.lambda_max = power_iteration(hvp, w, seed=cfg.seed)
+    if curv.lambda_max is not None and not math.isfinite(curv.lambda_max):
+        raise DataError(
+            "the Hessian of the training loss at the checkpoint is not finite; check the model "
+            "and data, or pass a numeric step_size."
+        )
+    if cfg.gamma == "auto":
+        cfg = cfg.replace(gamma=auto_gamma(w, cfg.radius))
+    requested_nbeta_auto = cfg.nbeta == "auto"
+    if cfg.nbeta == "auto":
+        assert not isinstance(cfg.gamma, str) and curv.lambda_max is not None
+        cfg = cfg.replace(nbeta=auto_nbeta(cfg.gamma, curv.lambda_max, cfg.condition))
+    assert not isinstance(cfg.gamma, str) and not isinstance(cfg.nbeta, str)
+    if pre:
+        nbeta_rule = requested_nbeta_auto
+        for _ in range(3):
+            curv.mass = lowrank_mass(vals, vecs, cfg.nbeta, cfg.gamma, w)
+            kmax = preconditioned_kmax(hvp, curv.mass, cfg.nbeta, cfg.gamma, w, seed=cfg.seed)
+            kmin = preconditioned_kmin(hvp, curv.mass, cfg.nbeta, cfg.gamma, w, kmax, seed=cfg.seed)
+            if kmin >= KMIN_FLOOR or not nbeta_rule:
+                break
+            # A negatively curved direction mu < 0 lies outside the basis (mass γ), so
+            # k'_min = 1 + nβ·mu/γ: lower nβ until k'_min = KMIN_FLOOR.
+            mu = (kmin - 1) * cfg.gamma / cfg.nbeta
+            cfg = cfg.replace(nbeta=(1 - KMIN_FLOOR) * cfg.gamma / -mu)
+            curv.info["condition_lowered_to"] = cfg.nbeta * curv.lambda_max / cfg.gamma
+        if "condition_lowered_to" in curv.info:
+            log.warning(
+                "condition lowered from %g to %.3g: the Hessian at w* has a negative eigenvalue "
+                "that the damping must dominate for the local posterior to exist",
+                cfg.condition, curv.info["condition_lowered_to"],
+            )  # fmt: skip
+        smallest = float(curv.mass.curvature.min()) / cfg.gamma if curv.mass.rank else 1.0
+        curv.info.update(kmax_preconditioned=kmax, kmin_preconditioned=kmin,
+                         smallest_captured=smallest,
+                         condition_unpreconditioned=(cfg.nbeta * curv.lambda_max + cfg.gamma)
+                         / cfg.gamma)  # fmt: skip
+        if kmin <= 0:
+            mu = (kmin - 1) * cfg.gamma / cfg.nbeta
+            warnings.warn(
+                f"the local posterior is not normalisable at w*: the Hessian has an eigenvalue "
+                f"near {mu:.3g}, below -γ/nβ = -{cfg.damping:.3g}, so chains leave w* along it "
+                "(w* is not near a minimum of the training loss). Strengthen the localisation: "
+                f"a lower nbeta (now {cfg.nbeta:.4g}; nbeta='auto' lowers it itself) or a "
+                "larger gamma.",
+                stacklevel=3,
+            )
+        if cfg.step_size == "auto":
+            cfg = cfg.replace(step_size=KINETIC_STEP_FACTOR / math.sqrt(max(kmax, 1.0)))
+        if cfg.friction == "auto":
+            cfg = cfg.replace(friction=2.0)
+    else:
+        if cfg.step_size == "auto":
+            assert curv.lambda_max is not None
+            cfg = cfg.replace(step_size=auto_step_size(curv.lambda_max, cfg))
+        if cfg.friction == "auto":
+            cfg = cfg.replace(friction=auto_friction(cfg))
+    if curv.lambda_max is None:
+        return cfg, curv
+    curv.info["seconds"] = time.perf_counter() - t0
+    log.info("λ_max(H) = %.4g: nβ = %.4g, γ = %.4g, damping = %.3g, step_size = %.4g %s",
+             curv.lambda_max, cfg.nbeta, cfg.gamma, cfg.damping, cfg.step_size,
+             curv.info)  # fmt: skip
+    return cfg, curv
+
+
+def _curvature_chunks(train: DataSource, cfg: BIFConfig) -> tuple[list[Any], list[int]]:
+    """Chunks of at most LAMBDA_MAX_EXAMPLES training examples (a seeded subsample)."""
+    n = len(train)
+    if n > LAMBDA_MAX_EXAMPLES:
+        g = torch.Generator().manual_seed(cfg.seed)
+        index = torch.randperm(n, generator=g)[:LAMBDA_MAX_EXAMPLES].sort().values
+    else:
+        index = torch.arange(n)
+    chunks, sizes = [], []
+    for start in range(0, len(index), cfg.chunk_size):
+        part = index[start : start + cfg.chunk_size]
+        chunks.append(train.batch(part))
+        sizes.append(len(part))
+    return chunks, sizes
+
+
+def _eigenpairs(
+    hvp: Any, fmodel: FunctionalModel, cfg: BIFConfig, rank: int, run_dir: Path | None,
+    fingerprint: str,
+) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
+    """Top ``rank`` Hessian eigenpairs, read from / written to ``run_dir``."""
+    key = {"fingerprint": fingerprint, "rank": rank, "seed": cfg.seed,
+           "chunk_size": cfg.chunk_size}  # fmt: skip
+    path = run_dir / CURVATURE_FILE if run_dir is not None else None
+    if path is not None and path.exists():
+        saved = load_file(str(path))
+        meta = json.loads((path.with_suffix(".json")).read_text())
+        if meta.get("key") == key:
+            log.info("preconditioner eigenpairs read from %s", path)
+            return saved["values"], saved["vectors"], 0
+    vals, vecs, hvps = top_hessian_eigenpairs(hvp, fmodel.w_star, rank, seed=cfg.seed)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"values": vals.contiguous(), "vectors": vecs.contiguous()}, str(tmp))
+        path.with_suffix(".json").write_text(json.dumps({"key": key}))
+        tmp.replace(path)
+    return vals, vecs, hvps
