@@ -87,7 +87,7 @@ TOPICS = ["france"] * 6 + ["numbers"] * 6 + ["shakespeare"] * 6 + ["unrelated"] 
 # 2 chains x (10 burn-in + 32 draws x 1) = 42 gradient steps per chain and 32 evaluations: about
 # 10 minutes on one CPU thread, a third of it the λ_max power iteration of the auto rules.
 # Unit mass (precondition_rank=0): a Lanczos preconditioner for 7M parameters costs ~40 HVPs of
-# ~6 s each on the CPU, more than this short run's sampling.
+# ~6 s each on the CPU, more than this short run's sampling; condition 150, as measured.
 RUN = dict(
     num_chains=2,
     num_burnin=10,
@@ -96,6 +96,7 @@ RUN = dict(
     chunk_size=32,
     center_gradient=True,
     precondition_rank=0,
+    condition=150.0,
 )
 
 

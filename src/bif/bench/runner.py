@@ -100,6 +100,7 @@ SETTING_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
             thin=5,
             center_gradient=True,
             precondition_rank=0,
+            condition=150.0,
         ),
         "trak": dict(proj_dim=64),
     },

@@ -50,7 +50,8 @@ NUM_QUERIES = 4
 # (precondition_rank=0): the fine-tuned model has negative curvature far beyond the default
 # localisation (on the tests' shortened fine-tune an eigenvalue near -58 against -γ/nβ = -1.45),
 # so the preconditioned rules would lower the condition ~40-fold; the LM settings keep the unit
-# mass they were measured with until the preconditioner is measured on them.
+# mass and the condition (150) they were measured with until the preconditioner is measured on
+# them.
 DEMO_CONFIG = dict(
     num_chains=4,
     num_burnin=50,
@@ -59,6 +60,7 @@ DEMO_CONFIG = dict(
     chunk_size=128,
     center_gradient=True,
     precondition_rank=0,
+    condition=150.0,
 )
 
 
