@@ -20,7 +20,12 @@ V, S = 13, 8
 # test_mass.py), and padding invariance to float32 rounding, which ∇L_n(w*) (summed in
 # padding-dependent chunks, then multiplied by nβ at every step) would amplify.
 FAST = dict(
-    num_chains=3, num_draws=12, num_burnin=4, thin=1, progress=False, precondition_rank=0,
+    num_chains=3,
+    num_draws=12,
+    num_burnin=4,
+    thin=1,
+    progress=False,
+    precondition_rank=0,
     center_gradient=False,
 )
 

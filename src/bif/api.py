@@ -124,6 +124,7 @@ def attribute(
         out = run_chains(
             fmodel, the_task, train_src, query_src, cfg, progress=progress, run_dir=rd,
             checkpoint_every=checkpoint_every, fingerprint=fp, mass=curv.mass,
+            saddle=curv.saddle,
         )  # fmt: skip
         wall = time.perf_counter() - t0
     finally:

@@ -30,6 +30,7 @@ from bif.curvature import (
     auto_step_size,
     hessian_operator,
     lowrank_mass,
+    negative_directions,
     power_iteration,
     preconditioned_kmax,
     preconditioned_kmin,
@@ -38,7 +39,7 @@ from bif.curvature import (
 from bif.data import DataSource
 from bif.errors import DataError
 from bif.functional import FunctionalModel
-from bif.sampler.mass import LowRankMass
+from bif.sampler.mass import LowRankMass, flatten, unflatten
 from bif.task import Task
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Curvature:
 
     lambda_max: float | None = None
     mass: LowRankMass | None = None
+    saddle: tuple[torch.Tensor, torch.Tensor] | None = None  # see bif.posterior
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -136,17 +138,35 @@ def resolve_auto(
     assert not isinstance(cfg.gamma, str) and not isinstance(cfg.nbeta, str)
     if pre:
         nbeta_rule = requested_nbeta_auto
-        for _ in range(3):
+        saddle_v = saddle_mu = None
+        for _ in range(4):
             curv.mass = lowrank_mass(vals, vecs, cfg.nbeta, cfg.gamma, w)
             kmax = preconditioned_kmax(hvp, curv.mass, cfg.nbeta, cfg.gamma, w, seed=cfg.seed)
             kmin = preconditioned_kmin(hvp, curv.mass, cfg.nbeta, cfg.gamma, w, kmax, seed=cfg.seed)
-            if kmin >= KMIN_FLOOR or not nbeta_rule:
+            if kmin >= KMIN_FLOOR:
+                break
+            if cfg.negative_curvature == "localise" and saddle_v is None:
+                v, nb_mu = negative_directions(
+                    hvp, curv.mass, cfg.nbeta, cfg.gamma, w, KMIN_FLOOR, seed=cfg.seed
+                )
+                if v.shape[1]:
+                    # prior precision 2nβ|μ| along v: curvature γ + nβ|μ|, which the mass gets too
+                    saddle_v, saddle_mu = v, (-nb_mu / cfg.nbeta).clamp_min(0.0)
+                    vecs = torch.cat([vecs, v.to(vecs.dtype)], dim=1)
+                    vals = torch.cat([vals, saddle_mu.to(vals.dtype)])
+                    curv.info["localised_directions"] = int(v.shape[1])
+                    curv.info["localised_mu"] = (-saddle_mu).tolist()
+                    hvp = _with_saddle(hvp, v, 2.0 * saddle_mu, w)
+                    continue
+            if not nbeta_rule:
                 break
             # A negatively curved direction mu < 0 lies outside the basis (mass γ), so
             # k'_min = 1 + nβ·mu/γ: lower nβ until k'_min = KMIN_FLOOR.
             mu = (kmin - 1) * cfg.gamma / cfg.nbeta
             cfg = cfg.replace(nbeta=(1 - KMIN_FLOOR) * cfg.gamma / -mu)
             curv.info["condition_lowered_to"] = cfg.nbeta * curv.lambda_max / cfg.gamma
+        if saddle_v is not None and saddle_mu is not None:
+            curv.saddle = (saddle_v, 2.0 * cfg.nbeta * saddle_mu)
         if "condition_lowered_to" in curv.info:
             log.warning(
                 "condition lowered from %g to %.3g: the Hessian at w* has a negative eigenvalue "
@@ -185,6 +205,20 @@ def resolve_auto(
              curv.lambda_max, cfg.nbeta, cfg.gamma, cfg.damping, cfg.step_size,
              curv.info)  # fmt: skip
     return cfg, curv
+
+
+def _with_saddle(hvp: Any, v: torch.Tensor, c: torch.Tensor, like: dict) -> Any:
+    """``x -> (H + V diag(c) Vᵀ) x``: the Hessian with the saddle localisation folded in (per
+    unit nβ), so that k'_max and k'_min see the posterior that is sampled."""
+    ref = next(iter(like.values()))
+    v, c = v.to(ref.device, ref.dtype), c.to(ref.device, ref.dtype)
+
+    def op(x: dict) -> dict:
+        hx = hvp(x)
+        extra = unflatten(((flatten(x, chain_dim=False) @ v) * c) @ v.T, x)
+        return {k: hx[k] + extra[k] for k in hx}
+
+    return op
 
 
 def _curvature_chunks(train: DataSource, cfg: BIFConfig) -> tuple[list[Any], list[int]]:

@@ -82,6 +82,12 @@ class BIFConfig:
         "'kinetic' sampler: mass matrix γI + the top-k Hessian eigenpairs at w* (Lanczos on "
         "HVPs), which moves every direction at the same frequency; 0 = unit mass",
     )
+    negative_curvature: Literal["lower", "localise"] = _f(
+        "lower",
+        "preconditioned 'kinetic' sampler, where nβ·H + γI is not safely positive: 'lower' nβ "
+        "(nbeta='auto') until it is; 'localise' adds prior precision 2nβ|μ| along the few "
+        "negatively curved directions instead (sampling |H| there) and keeps the condition",
+    )
     rmsprop_alpha: float = _f(0.99, "RMSProp decay α of the squared-gradient average")
     rmsprop_eps: float = _f(0.1, "RMSProp ε in the preconditioner 1/(sqrt(V)+ε)")
     chunk_size: int = _f(512, "examples per forward pass when evaluating losses at a draw")
@@ -180,6 +186,11 @@ class BIFConfig:
         for name in ("vmap_chains", "center_gradient"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.negative_curvature not in ("lower", "localise"):
+            raise ConfigError(
+                "negative_curvature must be 'lower' or 'localise', got "
+                f"{self.negative_curvature!r}."
+            )
         r = self.precondition_rank
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ConfigError(

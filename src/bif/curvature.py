@@ -296,3 +296,43 @@ def auto_nbeta(gamma: float, lambda_max: float, condition: float) -> float:
             "loss is flat at the checkpoint: pass a numeric nbeta."
         )
     return gamma * condition / lambda_max
+
+
+def negative_directions(
+    hvp: Callable[[Params], Params], mass: LowRankMass, nbeta: float, gamma: float,
+    like: Params, floor: float, k: int = 8, seed: int = 0,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Directions where ``nβH + γI`` falls below ``floor·γ``, and their curvature ``vᵀ(nβH)v``.
+
+    Lanczos (``which='SA'``) on ``M^-½ (nβH + γI) M^-½``, whose bulk sits at 1 so that the
+    negatively curved outliers converge in a few restarts; the eigenvectors, outside the mass's
+    basis up to rounding, are orthogonalised against it.
+
+    Returns:
+        ``V [P, j]`` orthonormal (float64, CPU) and ``nβ·μ [j]`` (negative).
+    """
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    ref = next(iter(like.values()))
+    num = mass.basis.shape[0]
+
+    def op_pre(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(x).reshape(-1)).to(ref.device, ref.dtype)
+        y = mass.inverse_sqrt(t)
+        ay = nbeta * flatten(hvp(unflatten(y, like)), chain_dim=False) + gamma * y
+        return mass.inverse_sqrt(ay).to("cpu", torch.float64).numpy()
+
+    op = LinearOperator((num, num), matvec=op_pre, dtype=np.float64)
+    v0 = np.random.default_rng(seed + 2).standard_normal(num)
+    vals, vecs = eigsh(op, k=min(k, num - 2), which="SA", v0=v0, tol=1e-3)
+    keep = vals < floor
+    basis = mass.basis.to("cpu", torch.float64)
+    v = torch.from_numpy(np.ascontiguousarray(vecs[:, keep]))
+    v = v - basis @ (basis.T @ v)
+    v, _ = torch.linalg.qr(v)
+    curv = []
+    for j in range(v.shape[1]):
+        col = v[:, j].to(ref.device, ref.dtype)
+        hv = flatten(hvp(unflatten(col, like)), chain_dim=False)
+        curv.append(nbeta * float(col @ hv))
+    return v, torch.tensor(curv, dtype=torch.float64)

@@ -15,6 +15,15 @@ so w* is a stationary point of the sampled density even when it is not a minimum
 the attributed data (a pretrained model attributed on a subset of what it saw). The Hessian, and
 with it the Gaussian-limit covariance (the damped influence function), is unchanged; only the
 drift of the chains towards the subset's own minimum goes.
+
+With ``saddle = (V, c)`` (``V [P, j]`` orthonormal directions of negative curvature at w*, ``c [j]``
+extra precisions) the localisation is strengthened along those directions only:
+
+    U(w) += ½ Σ_j c_j · (v_jᵀ(w - w*))²
+
+:mod:`bif.auto` sets ``c_j = 2·nβ·|μ_j|`` for a Hessian eigenvalue ``μ_j < 0``, so the sampled
+curvature there is ``γ + nβ·|μ_j|`` instead of ``γ - nβ·|μ_j|`` (the absolute value of the
+Hessian, as in saddle-free Newton methods) and the damping elsewhere can stay small.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import Tensor
+
+from bif.sampler.mass import flatten, unflatten
 
 Params = dict[str, Tensor]
 
@@ -34,16 +45,25 @@ class LocalPosterior:
     gamma: float
     w_star: Params
     grad_star: Params | None = None  # ∇L_n(w*) when the gradient is centred, else None
+    saddle: tuple[Tensor, Tensor] | None = None  # (V [P, j], c [j]): extra localisation
+
+    def _delta(self, params: Params) -> Params:
+        return {k: params[k] - self.w_star[k] for k in params}
 
     def potential_grad(self, params: Params, loss_grad: Params) -> Params:
         """``∇U = nβ · (∇L_B - g*) + γ · (w - w*)`` per parameter tensor (``g* = 0`` unless
         centred; same shapes as ``params``)."""
         g = self.grad_star
-        return {
+        out = {
             k: self.nbeta * (loss_grad[k] if g is None else loss_grad[k] - g[k])
             + self.gamma * (params[k] - self.w_star[k])
             for k in params
         }
+        if self.saddle is not None:
+            v, c = self.saddle
+            extra = unflatten(((flatten(self._delta(params)) @ v) * c) @ v.T, params)
+            out = {k: out[k] + extra[k] for k in out}
+        return out
 
     def potential(self, params: Params, mean_loss: Tensor) -> Tensor:
         """``U(w)`` given the mean loss at ``params`` (for diagnostics; [C] with a chain dim)."""
@@ -54,6 +74,10 @@ class LocalPosterior:
             g = self.grad_star
             lin = sum(((params[k] - self.w_star[k]) * g[k]).reshape(shape).sum(-1) for k in params)
             u = u - self.nbeta * lin
+        if self.saddle is not None:
+            v, c = self.saddle
+            proj = flatten(self._delta(params)) @ v  # [C, j]
+            u = u + 0.5 * (proj.pow(2) * c).sum(-1).reshape(u.shape)
         return u
 
     @property

@@ -82,10 +82,12 @@ def run_chains(
     checkpoint_every: int = 50,
     fingerprint: str = "",
     mass: LowRankMass | None = None,
+    saddle: tuple[Tensor, Tensor] | None = None,
 ) -> RunOutput:
     """Sample ``cfg.num_chains`` chains and stream their draws into per-chain moments.
 
-    ``mass`` is the kinetic sampler's mass matrix (:func:`bif.auto.resolve_auto` builds it).
+    ``mass`` is the kinetic sampler's mass matrix and ``saddle`` the extra localisation along
+    negatively curved directions (:func:`bif.auto.resolve_auto` builds both).
     With ``run_dir``, the state is saved every ``checkpoint_every`` draws and at the end of each
     chain group; a later call with the same config and model resumes from it.
     """
@@ -121,7 +123,10 @@ def run_chains(
         full_fn = per_chain(mean_loss_and_grad(fmodel, task.loss), vm, batch_in_dim=None)
         grad_star, _ = _full_batch_grad(full_fn, w_star_1, eval_train.chunks(), N)
         grad_star = {k: v.detach() for k, v in grad_star.items()}
-    posterior = LocalPosterior(cfg.nbeta, cfg.gamma, fmodel.w_star, grad_star)
+    if saddle is not None:
+        ref = next(iter(fmodel.w_star.values()))
+        saddle = (saddle[0].to(device, ref.dtype), saddle[1].to(device, ref.dtype))
+    posterior = LocalPosterior(cfg.nbeta, cfg.gamma, fmodel.w_star, grad_star, saddle)
     energy_star = float(posterior.potential(w_star_1, eval_train(w_star_1).double().mean(1)))
     max_energy = ENERGY_FACTOR * (fmodel.num_params + 10)
     full_batch = cfg.batch_size is None or cfg.batch_size >= N
