@@ -198,7 +198,8 @@ def test_negative_curvature_lowers_the_condition_or_is_reported() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        res = bif.attribute(model, (x, y), (x[:3], y[:3]), condition=150.0, **kw)
+        res = bif.attribute(model, (x, y), (x[:3], y[:3]), condition=150.0,
+                            negative_curvature="lower", **kw)  # fmt: skip
     info, cfg = res.meta["preconditioner"], res.config
     assert info["condition_lowered_to"] < 150
     assert 1 + cfg.nbeta * mu_min / cfg.gamma == pytest.approx(KMIN_FLOOR, abs=0.05)
@@ -206,7 +207,8 @@ def test_negative_curvature_lowers_the_condition_or_is_reported() -> None:
 
     nbeta_150 = cfg.gamma * 150 / lam_max
     with pytest.warns(UserWarning, match="not normalisable") as rec:
-        given = bif.attribute(model, (x, y), (x[:3], y[:3]), nbeta=nbeta_150, **kw)
+        given = bif.attribute(model, (x, y), (x[:3], y[:3]), nbeta=nbeta_150,
+                              negative_curvature="lower", **kw)  # fmt: skip
     kmin = given.meta["preconditioner"]["kmin_preconditioned"]
     assert kmin < 0
     mu_est = (kmin - 1) * cfg.gamma / nbeta_150  # what the warning reports

@@ -147,8 +147,9 @@ def resolve_auto(
                 break
             if cfg.negative_curvature == "localise" and saddle_v is None:
                 v, nb_mu = negative_directions(
-                    hvp, curv.mass, cfg.nbeta, cfg.gamma, w, KMIN_FLOOR, seed=cfg.seed
-                )
+                    hvp, curv.mass, cfg.nbeta, cfg.gamma, w, KMIN_FLOOR,
+                    k=max(8, rank // 2), seed=cfg.seed,
+                )  # fmt: skip
                 if v.shape[1]:
                     # prior precision 2nβ|μ| along v: curvature γ + nβ|μ|, which the mass gets too
                     saddle_v, saddle_mu = v, (-nb_mu / cfg.nbeta).clamp_min(0.0)

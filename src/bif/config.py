@@ -83,10 +83,10 @@ class BIFConfig:
         "HVPs), which moves every direction at the same frequency; 0 = unit mass",
     )
     negative_curvature: Literal["lower", "localise"] = _f(
-        "lower",
-        "preconditioned 'kinetic' sampler, where nβ·H + γI is not safely positive: 'lower' nβ "
-        "(nbeta='auto') until it is; 'localise' adds prior precision 2nβ|μ| along the few "
-        "negatively curved directions instead (sampling |H| there) and keeps the condition",
+        "localise",
+        "preconditioned 'kinetic' sampler, where nβ·H + γI is not safely positive: 'localise' "
+        "adds prior precision 2nβ|μ| along the (up to precondition_rank/2) negatively curved "
+        "directions (sampling |H| there), then 'lower' nβ (nbeta='auto') until it is",
     )
     rmsprop_alpha: float = _f(0.99, "RMSProp decay α of the squared-gradient average")
     rmsprop_eps: float = _f(0.1, "RMSProp ε in the preconditioner 1/(sqrt(V)+ε)")
