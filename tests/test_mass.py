@@ -19,11 +19,12 @@ from torch.func import functional_call, hessian
 import bif
 from bif.auto import CURVATURE_FILE
 from bif.config import BIFConfig
-from bif.curvature import hessian_operator, lowrank_mass, top_hessian_eigenpairs
+from bif.curvature import hessian_operator
 from bif.errors import ConfigError
 from bif.functional import FunctionalModel
 from bif.sampler import kinetic
 from bif.sampler.mass import LowRankMass, flatten, unflatten
+from bif.spectrum import lowrank_mass, top_hessian_eigenpairs
 from bif.task import make_task
 
 F64 = torch.float64

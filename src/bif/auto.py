@@ -29,17 +29,19 @@ from bif.curvature import (
     auto_nbeta,
     auto_step_size,
     hessian_operator,
-    lowrank_mass,
-    negative_directions,
     power_iteration,
-    preconditioned_kmax,
-    preconditioned_kmin,
-    top_hessian_eigenpairs,
 )
 from bif.data import DataSource
 from bif.errors import DataError
 from bif.functional import FunctionalModel
 from bif.sampler.mass import LowRankMass, flatten, unflatten
+from bif.spectrum import (
+    lowrank_mass,
+    negative_directions,
+    preconditioned_kmax,
+    preconditioned_kmin,
+    top_hessian_eigenpairs,
+)
 from bif.task import Task
 
 log = logging.getLogger(__name__)
