@@ -119,12 +119,18 @@ def resolve_auto(
     curv = Curvature()
     t0 = time.perf_counter()
     w = fmodel.w_star
-    hvp = hessian_operator(fmodel, task, *_curvature_chunks(train, cfg))
+    # The subsample's batches are only built when a rule or the mass needs HVPs.
+    hvp = (
+        hessian_operator(fmodel, task, *_curvature_chunks(train, cfg))
+        if pre or need_lambda
+        else None
+    )
     if pre:
+        assert hvp is not None
         vals, vecs, hvps = _eigenpairs(hvp, fmodel, cfg, rank, run_dir, fingerprint)
         curv.lambda_max = float(vals[0])
         curv.info.update(rank=int(vals.numel()), hvps=hvps)
-    elif need_lambda:
+    elif hvp is not None:
         curv.lambda_max = power_iteration(hvp, w, seed=cfg.seed)
     if curv.lambda_max is not None and not math.isfinite(curv.lambda_max):
         raise DataError(
@@ -139,6 +145,7 @@ def resolve_auto(
         cfg = cfg.replace(nbeta=auto_nbeta(cfg.gamma, curv.lambda_max, cfg.condition))
     assert not isinstance(cfg.gamma, str) and not isinstance(cfg.nbeta, str)
     if pre:
+        assert hvp is not None
         nbeta_rule = requested_nbeta_auto
         saddle_v = saddle_mu = None
         for _ in range(4):

@@ -54,29 +54,31 @@ class LocalPosterior:
         """``∇U = nβ · (∇L_B - g*) + γ · (w - w*)`` per parameter tensor (``g* = 0`` unless
         centred; same shapes as ``params``)."""
         g = self.grad_star
+        delta = self._delta(params)
         out = {
             k: self.nbeta * (loss_grad[k] if g is None else loss_grad[k] - g[k])
-            + self.gamma * (params[k] - self.w_star[k])
+            + self.gamma * delta[k]
             for k in params
         }
         if self.saddle is not None:
             v, c = self.saddle
-            extra = unflatten(((flatten(self._delta(params)) @ v) * c) @ v.T, params)
+            extra = unflatten(((flatten(delta) @ v) * c) @ v.T, params)
             out = {k: out[k] + extra[k] for k in out}
         return out
 
     def potential(self, params: Params, mean_loss: Tensor) -> Tensor:
         """``U(w)`` given the mean loss at ``params`` (for diagnostics; [C] with a chain dim)."""
         shape = (*mean_loss.shape, -1)
-        sq = sum((params[k] - self.w_star[k]).pow(2).reshape(shape).sum(-1) for k in params)
+        delta = self._delta(params)
+        sq = sum(d.pow(2).reshape(shape).sum(-1) for d in delta.values())
         u = self.nbeta * mean_loss + 0.5 * self.gamma * sq
         if self.grad_star is not None:
             g = self.grad_star
-            lin = sum(((params[k] - self.w_star[k]) * g[k]).reshape(shape).sum(-1) for k in params)
+            lin = sum((delta[k] * g[k]).reshape(shape).sum(-1) for k in delta)
             u = u - self.nbeta * lin
         if self.saddle is not None:
             v, c = self.saddle
-            proj = flatten(self._delta(params)) @ v  # [C, j]
+            proj = flatten(delta) @ v  # [C, j]
             u = u + 0.5 * (proj.pow(2) * c).sum(-1).reshape(u.shape)
         return u
 
