@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 import bif
-from bif.auto import CURVATURE_FILE
+from bif.checkpoint import CURVATURE_FILE
 from bif.config import BIFConfig
 from bif.curvature import hessian_operator
 from bif.errors import ConfigError

@@ -183,7 +183,7 @@ def test_resume_matches_uninterrupted(
         with pytest.raises(KeyboardInterrupt):
             bif.attribute(model, train, query, run_dir=run_dir, checkpoint_every=2, **kw)
         assert stopper.calls == at
-        assert (run_dir / "state.json").exists()
+        assert (run_dir / "state.safetensors").exists()
     monkeypatch.undo()
     resumed = bif.attribute(model, train, query, run_dir=run_dir, checkpoint_every=2, **kw)
     assert resumed.meta["resumed"] is True
@@ -206,12 +206,12 @@ def test_resume_rejects_other_model(problem, tmp_path) -> None:
     model, train, query = problem
     bif.attribute(model, train, query, run_dir=tmp_path, **KW)
     other, _, _ = make_problem(seed=1)
-    with pytest.raises(ArtifactError, match=r"different model"):
+    with pytest.raises(ArtifactError, match=r"different sampled weights"):
         bif.attribute(other, train, query, run_dir=tmp_path, **KW)
     # Same weights in another dtype are another run too (its numerics differ).
-    with pytest.raises(ArtifactError, match=r"different model"):
+    with pytest.raises(ArtifactError, match=r"sampled weights \(or their dtype\)"):
         bif.attribute(model, train, query, run_dir=tmp_path, dtype=torch.float32, **KW)
     # Other data (fewer training examples) as well.
     x, y = train
-    with pytest.raises(ArtifactError, match=r"different model"):
+    with pytest.raises(ArtifactError, match=r"different training data"):
         bif.attribute(model, (x[:-1], y[:-1]), query, run_dir=tmp_path, **KW)

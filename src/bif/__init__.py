@@ -17,6 +17,7 @@ from bif.errors import (
     ConfigError,
     DataError,
     DivergenceError,
+    ModelError,
     ShapeError,
 )
 from bif.result import BIFResult, Influence, TopInfluences
@@ -33,6 +34,7 @@ __all__ = [
     "DataError",
     "DivergenceError",
     "Influence",
+    "ModelError",
     "OutputLossTask",
     "RegressionTask",
     "ShapeError",

@@ -15,12 +15,13 @@ from torch import Tensor, nn
 
 from bif import __version__
 from bif.auto import resolve_auto
-from bif.checkpoint import fingerprint
+from bif import checkpoint
 from bif.config import AUTO_FIELDS, BIFConfig
 from bif.data import DataSource
-from bif.errors import ConfigError, DataError
+from bif.errors import ConfigError, DataError, ModelError
 from bif.estimator import estimate
 from bif.functional import FunctionalModel
+from bif.identity import DataHasher, checkpoint_values, digest, run_identity
 from bif.observables import check_per_sample
 from bif.result import BIFResult
 from bif.sampler.run import run_chains
@@ -115,15 +116,20 @@ def attribute(
         dt = dtype if dtype is not None else next(iter(fmodel.w_star.values())).dtype
         train_src = DataSource(train, "train", device, dt)
         query_src = DataSource(query, "query", device, dt)
-        train_star, query_star = _preflight(fmodel, the_task, train_src, query_src, cfg)
+        _check_weights(fmodel)
+        train_star, query_star, hashes = _preflight(fmodel, the_task, train_src, query_src, cfg)
         task_name = getattr(the_task, "name", type(the_task).__name__)
-        fp = fingerprint(fmodel.w_star, len(train_src), len(query_src), task_name)
+        ident = run_identity(model, fmodel.w_star, fmodel.fixed, the_task, *hashes)
+        dig = digest(ident)
         t0 = time.perf_counter()
         rd = Path(run_dir) if run_dir is not None else None
-        cfg, curv = resolve_auto(cfg, fmodel, the_task, train_src, rd, fp)
+        if rd is not None:
+            values = checkpoint_values(train_star, query_star)
+            checkpoint.open_run(rd, ident, values, requested.to_dict())
+        cfg, curv = resolve_auto(cfg, fmodel, the_task, train_src, rd, dig)
         out = run_chains(
             fmodel, the_task, train_src, query_src, cfg, progress=progress, run_dir=rd,
-            checkpoint_every=checkpoint_every, fingerprint=fp, mass=curv.mass,
+            checkpoint_every=checkpoint_every, identity=dig, mass=curv.mass,
             saddle=curv.saddle,
         )  # fmt: skip
         wall = time.perf_counter() - t0
@@ -147,7 +153,7 @@ def attribute(
         "preconditioner": curv.info,
         "sampling_seconds": wall,
         "resumed": out.resumed,
-        "fingerprint": fp,
+        "identity": dig,
         "model_was_training": was_training,
         "per_token": out.tokens is not None,
     }
@@ -168,31 +174,48 @@ def attribute(
     )
 
 
+def _check_weights(fmodel: FunctionalModel) -> None:
+    """Non-finite weights are the model's fault, not the data's: say so before anything runs."""
+    for kind, tensors in (("parameter", fmodel.w_star), ("frozen tensor", fmodel.fixed)):
+        for name, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ModelError(
+                    f"the model's {kind} {name!r} has {bad} NaN/inf value(s) of {t.numel()}: "
+                    "bif samples around the weights as they are. Load a finite checkpoint (a "
+                    "diverged training run leaves NaN weights), or freeze and reset that tensor."
+                )
+
+
 @torch.no_grad()
 def _preflight(
     fmodel: FunctionalModel, task: Task, train: DataSource, query: DataSource, cfg: BIFConfig
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, tuple[str, str]]:
     """Check the task on real batches at w* (outside vmap) and return the losses there.
 
     Returns:
-        train losses [N] and query observables [Q] at the checkpoint, float64 on the CPU.
+        train losses [N] and query observables [Q] at the checkpoint, float64 on the CPU, and
+        the content hashes of the train and query data (:class:`bif.identity.DataHasher`).
     """
     model = fmodel.model_fn(fmodel.w_star)
     check = getattr(task, "check", None)
-    out = []
+    out, hashes = [], []
     for src, fn, what in (
         (train, task.loss, "task's loss"),
         (query, lambda m, b: task_observable(task, m, b), "query observable"),
     ):
         values = []
+        hasher = DataHasher()
         for start, batch in src.chunks(cfg.chunk_size):
             # Every chunk, not only the first: a bad label anywhere would otherwise surface as
             # an opaque IndexError deep inside the sampler.
             if check is not None:
                 check(model, batch)
             n = min(cfg.chunk_size, len(src) - start)
+            hasher.update(batch, n)
             v = check_per_sample(fn(model, batch), n, what)
             values.append(v.to("cpu", torch.float64))
+        hashes.append(hasher.hexdigest())
         vals = torch.cat(values)
         if not bool(torch.isfinite(vals).all()):
             bad = int((~torch.isfinite(vals)).nonzero()[0, 0])
@@ -203,4 +226,4 @@ def _preflight(
         out.append(vals)
     if not math.isfinite(float(out[0].mean())):
         raise DataError("the mean training loss at the checkpoint is not finite.")
-    return out[0], out[1]
+    return out[0], out[1], (hashes[0], hashes[1])

@@ -9,7 +9,6 @@ bit-identical settings instead of re-running the eigensolver.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -19,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from bif import checkpoint
 from bif.config import BIFConfig
 from bif.curvature import (
     KINETIC_STEP_FACTOR,
@@ -49,7 +48,6 @@ log = logging.getLogger(__name__)
 # Curvature on at most this many training examples: the mean loss's Hessian is a smooth
 # average, and a fixed subsample keeps the cost independent of the data set size.
 LAMBDA_MAX_EXAMPLES = 4096
-CURVATURE_FILE = "curvature.safetensors"
 # Lanczos keeps about 2k+1 float64 vectors of P entries; the rank is lowered to fit this budget
 # (a 7M-parameter model gets k ~ 8; below 2 the sampler runs with unit mass).
 LANCZOS_BUDGET_MB = 2048
@@ -87,7 +85,7 @@ def resolve_auto(
     task: Task,
     train: DataSource,
     run_dir: Path | None = None,
-    fingerprint: str = "",
+    identity: str = "",
 ) -> tuple[BIFConfig, Curvature]:
     """Replace every 'auto' field by its rule, in dependency order (γ -> nβ -> mass -> step
     size and friction), and build the mass matrix of a preconditioned kinetic sampler.
@@ -127,7 +125,7 @@ def resolve_auto(
     )
     if pre:
         assert hvp is not None
-        vals, vecs, hvps = _eigenpairs(hvp, fmodel, cfg, rank, run_dir, fingerprint)
+        vals, vecs, hvps = _eigenpairs(hvp, fmodel, cfg, rank, run_dir, identity)
         curv.lambda_max = float(vals[0])
         curv.info.update(rank=int(vals.numel()), hvps=hvps)
     elif hvp is not None:
@@ -249,23 +247,17 @@ def _curvature_chunks(train: DataSource, cfg: BIFConfig) -> tuple[list[Any], lis
 
 def _eigenpairs(
     hvp: Any, fmodel: FunctionalModel, cfg: BIFConfig, rank: int, run_dir: Path | None,
-    fingerprint: str,
+    identity: str,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
     """Top ``rank`` Hessian eigenpairs, read from / written to ``run_dir``."""
-    key = {"fingerprint": fingerprint, "rank": rank, "seed": cfg.seed,
+    key = {"identity": identity, "rank": rank, "seed": cfg.seed,
            "chunk_size": cfg.chunk_size}  # fmt: skip
-    path = run_dir / CURVATURE_FILE if run_dir is not None else None
-    if path is not None and path.exists():
-        saved = load_file(str(path))
-        meta = json.loads((path.with_suffix(".json")).read_text())
-        if meta.get("key") == key:
-            log.info("preconditioner eigenpairs read from %s", path)
+    if run_dir is not None:
+        saved = checkpoint.load_curvature(run_dir, key)
+        if saved is not None:
+            log.info("preconditioner eigenpairs read from %s", run_dir / checkpoint.CURVATURE_FILE)
             return saved["values"], saved["vectors"], 0
     vals, vecs, hvps = top_hessian_eigenpairs(hvp, fmodel.w_star, rank, seed=cfg.seed)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"values": vals.contiguous(), "vectors": vecs.contiguous()}, str(tmp))
-        path.with_suffix(".json").write_text(json.dumps({"key": key}))
-        tmp.replace(path)
+    if run_dir is not None:
+        checkpoint.save_curvature(run_dir, key, {"values": vals, "vectors": vecs})
     return vals, vecs, hvps

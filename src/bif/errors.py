@@ -15,6 +15,10 @@ class DataError(BIFError, ValueError):
     """The data cannot be used: empty, unindexable, or inconsistent lengths."""
 
 
+class ModelError(BIFError, ValueError):
+    """The model cannot be sampled as it is (e.g. NaN or inf in its weights)."""
+
+
 class ShapeError(BIFError, ValueError):
     """Model outputs, targets or a loss function's result have shapes that do not fit together."""
 

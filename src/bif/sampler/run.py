@@ -80,7 +80,7 @@ def run_chains(
     progress: bool = True,
     run_dir: Path | None = None,
     checkpoint_every: int = 50,
-    fingerprint: str = "",
+    identity: str = "",
     mass: LowRankMass | None = None,
     saddle: tuple[Tensor, Tensor] | None = None,
 ) -> RunOutput:
@@ -143,7 +143,7 @@ def run_chains(
     saved: dict[str, Tensor] = {}
     config_dict = cfg.to_dict()
     if run_dir is not None:
-        loaded = checkpoint.load(run_dir, config_dict, fingerprint)
+        loaded = checkpoint.load(run_dir, config_dict, identity)
         if loaded is not None:
             saved, meta = loaded
             moments = Moments(*(saved[f"moments.{f}"].to(device) for f in Moments._fields))
@@ -166,7 +166,7 @@ def run_chains(
         tensors.update(extra)
         meta = {
             "config": config_dict,
-            "fingerprint": fingerprint,
+            "identity": identity,
             "done_groups": done_groups,
             "active": active,
         }
