@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bif import __version__
+from bif import __version__, checkpoint
 from bif.auto import resolve_auto
-from bif import checkpoint
 from bif.config import AUTO_FIELDS, BIFConfig
 from bif.data import DataSource
 from bif.errors import ConfigError, DataError, ModelError
