@@ -199,6 +199,18 @@ def test_nonfinite_query_at_checkpoint(data) -> None:
         run(data, query=(xq, yq))
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_nonfinite_weights_are_the_models_fault(data, frozen: bool) -> None:
+    """NaN in the weights used to be reported as bad data ("check that example's inputs")."""
+    model = nn.Sequential(nn.Linear(DIN, 6), nn.Tanh(), nn.Linear(6, K)).eval()
+    with torch.no_grad():
+        model[2].weight[1, 3] = math.nan
+    model[2].weight.requires_grad_(not frozen)
+    kind = "frozen tensor" if frozen else "parameter"
+    with pytest.raises(bif.ModelError, match=rf"model's {kind} '2.weight' has 1 NaN/inf"):
+        run(data, model=model)
+
+
 def test_no_trainable_parameters(data) -> None:
     model = nn.Sequential(nn.Linear(DIN, K)).eval().requires_grad_(False)
     with pytest.raises(ConfigError, match="no parameter with requires_grad=True"):

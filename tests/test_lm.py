@@ -179,8 +179,17 @@ def test_save_load_and_top_tokens(run, tmp_path) -> None:
     assert [t.score for t in top] == sorted(t.score for t in top)
     back_top = run.tokens.top_query_tokens(2, k=2)
     assert all(0 <= t.sequence < 3 and t.position >= 3 for t in back_top)
-    with pytest.raises(IndexError, match="not attributed"):
+    with pytest.raises(bif.SelectionError, match="not attributed"):
         run.tokens.top_train_tokens(0, position=1)
+    # Position 0 never is (nothing precedes it); the error says so, typed and catchable as an
+    # IndexError or a ConfigError.
+    with pytest.raises(bif.SelectionError, match=r"position 0 never is.*attributed positions"):
+        run.tokens.top_train_tokens(0, position=0)
+    with pytest.raises(IndexError, match="has no attributed token"):
+        run.tokens.top_train_tokens(99)
+    for bad in (0, -2):
+        with pytest.raises(bif.ConfigError, match="k must be a positive integer"):
+            run.tokens.top_query_tokens(2, k=bad)
 
 
 def test_errors_say_how_to_fix() -> None:

@@ -18,6 +18,7 @@ from bif.errors import (
     DataError,
     DivergenceError,
     ModelError,
+    SelectionError,
     ShapeError,
 )
 from bif.result import BIFResult, Influence, TopInfluences
@@ -37,6 +38,7 @@ __all__ = [
     "ModelError",
     "OutputLossTask",
     "RegressionTask",
+    "SelectionError",
     "ShapeError",
     "Task",
     "TokenInfluence",

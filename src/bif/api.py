@@ -24,7 +24,7 @@ from bif.identity import DataHasher, checkpoint_values, digest, run_identity
 from bif.observables import check_per_sample
 from bif.result import BIFResult
 from bif.sampler.run import run_chains
-from bif.task import OutputLossFn, Task, make_task, task_observable
+from bif.task import OutputLossFn, Task, make_task, observable_name, task_observable
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,9 @@ def attribute(
     """Bayesian influence of every training example on every query.
 
     Samples the local posterior ``p(w) ∝ exp(-nβ·L_n(w) - γ/2·||w - w*||²)`` around the model's
-    current weights ``w*`` with SGLD and returns ``BIF = -Cov_p(l_n(w), φ_q(w))``.
+    current weights ``w*`` (by default with the preconditioned kinetic Langevin sampler, BAOAB
+    with a low-rank mass; ``sampler="sgld"`` or ``"rmsprop"`` for SGLD) and returns
+    ``BIF = -Cov_p(l_n(w), φ_q(w))``.
 
     Args:
         model: any ``nn.Module`` at its trained checkpoint. Parameters with
@@ -65,7 +67,9 @@ def attribute(
         device: where to sample (default: the model's device).
         dtype: cast floating weights and inputs (default: keep the model's dtype).
         progress: show a progress bar.
-        run_dir: if given, checkpoint the run there and resume from it after a crash.
+        run_dir: if given, checkpoint the run there and resume from it after a crash or kill.
+            The directory is pinned to this run (weights, frozen tensors, architecture, data
+            content, task, observable, config, bif version): another run refuses to use it.
         checkpoint_every: draws between checkpoints when ``run_dir`` is set.
 
     Returns:
@@ -73,8 +77,10 @@ def attribute(
 
     Raises:
         ConfigError, DataError, ShapeError: invalid input, with a message saying what to change.
+        ModelError: the model's weights hold NaN/inf.
         DivergenceError: a chain produced NaN/inf (lower ``step_size``).
-        ArtifactError: ``run_dir`` holds a run of another config or model.
+        ArtifactError: ``run_dir`` holds another run (the message says what differs), or a
+            damaged file.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -145,6 +151,7 @@ def attribute(
         "num_train": len(train_src),
         "num_query": len(query_src),
         "task": task_name,
+        "observable": observable_name(the_task, observable),
         "damping": cfg.damping,
         "step_size_rule": "auto" if requested.step_size == "auto" else "given",
         "auto": [k for k in AUTO_FIELDS if getattr(requested, k) == "auto"],

@@ -18,6 +18,7 @@ truncated copy, garbage) raises :class:`ArtifactError` naming it, never a raw pa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -70,6 +71,15 @@ def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` atomically."""
     text = json.dumps(obj, indent=1, sort_keys=True)
     write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """Size and content hash of a file (what a manifest records to detect a damaged copy)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "blake2b": h.hexdigest()}
 
 
 def damaged(path: Path, why: str, fix: str) -> ArtifactError:

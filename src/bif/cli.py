@@ -169,16 +169,17 @@ def format_query(
 ) -> list[str]:
     """Lines describing query ``q``: its top ``k`` proponents and opponents (score ± stderr)."""
     top = result.top(q, k)
+    phi = result.observable
     head = f"query {q}" + (f"  {title}" if title else "")
-    lines = [f"{head}  (loss at w* {float(result.query_star[q]):.4g})"]
+    lines = [f"{head}  ({phi} at w* {float(result.query_star[q]):.4g})"]
 
     def row(x: Any) -> str:
         lab = f"  label {train_labels[x.index]}" if train_labels is not None else ""
         return f"    #{x.index:<5d}{lab}  {x.score:+.3g} ± {x.stderr:.2g}"
 
-    lines.append("  proponents (BIF < 0: training on them lowers this query's loss)")
+    lines.append(f"  proponents (BIF < 0: training on them lowers this query's {phi})")
     lines += [row(x) for x in top.proponents] or ["    (none)"]
-    lines.append("  opponents  (BIF > 0: training on them raises this query's loss)")
+    lines.append(f"  opponents  (BIF > 0: training on them raises this query's {phi})")
     lines += [row(x) for x in top.opponents] or ["    (none)"]
     return lines
 

@@ -17,7 +17,6 @@ by side. Remaining slots take correctly classified digits round-robin over the c
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bif.api import attribute
+from bif.checkpoint import read_json, write_json
 from bif.config import BIFConfig
 from bif.datasets import Digits, load_digits
 from bif.errors import ArtifactError, ConfigError
@@ -242,7 +242,7 @@ def run_demo(
         "num_test": len(split.test_idx),
         "train_seconds": train_seconds,
     }
-    (result_dir / DEMO_FILE).write_text(json.dumps(info, indent=1))
+    write_json(result_dir / DEMO_FILE, info)
     report = write_demo_report(result_dir, out_dir / "report.html", k=k)
     return DemoOutput(
         out_dir=out_dir,
@@ -262,7 +262,9 @@ def run_demo(
 def load_demo_info(result_dir: str | Path) -> dict[str, Any] | None:
     """The demo's ``demo.json`` next to a saved result, or None for a result of another run."""
     path = Path(result_dir) / DEMO_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    return read_json(path, f"Run `bif demo --out {Path(result_dir).parent}` again to rebuild it.")
 
 
 def demo_views(info: dict[str, Any]) -> tuple[list[ExampleView], list[ExampleView]]:

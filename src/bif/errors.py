@@ -11,6 +11,10 @@ class ConfigError(BIFError, ValueError):
     """A hyperparameter is invalid (non-finite, non-positive, wrong type or unknown name)."""
 
 
+class SelectionError(ConfigError, IndexError):
+    """A query, training example, token or position asked for does not exist in the result."""
+
+
 class DataError(BIFError, ValueError):
     """The data cannot be used: empty, unindexable, or inconsistent lengths."""
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from bif.checkpoint import damaged, file_digest, read_json, write_atomic, write_json
 from bif.config import BIFConfig
-from bif.errors import ArtifactError
+from bif.errors import ArtifactError, BIFError, ConfigError, SelectionError
 from bif.tokens import TOKENS_FILE, TokenTraces
 
 TENSORS_FILE = "result.safetensors"
@@ -33,16 +34,19 @@ class Influence:
 
 @dataclass(frozen=True)
 class TopInfluences:
-    """Proponents (most negative BIF: training on them lowers the query's loss) and opponents."""
+    """Proponents (most negative BIF: training on them lowers the query's observable, its loss
+    by default) and opponents (training on them raises it)."""
 
     query: int
     proponents: list[Influence]
     opponents: list[Influence]
+    observable: str = "loss"
 
     def __str__(self) -> str:
-        lines = [f"query {self.query}", "  proponents (BIF < 0, lower the query loss):"]
+        phi = self.observable
+        lines = [f"query {self.query}", f"  proponents (BIF < 0, lower the query's {phi}):"]
         lines += [f"    {x}" for x in self.proponents]
-        lines.append("  opponents (BIF > 0, raise the query loss):")
+        lines.append(f"  opponents (BIF > 0, raise the query's {phi}):")
         lines += [f"    {x}" for x in self.opponents]
         return "\n".join(lines)
 
@@ -95,44 +99,116 @@ class BIFResult:
     def num_train(self) -> int:
         return int(self.scores.shape[1])
 
+    @property
+    def observable(self) -> str:
+        """Name of the query observable φ the scores explain ("loss" unless one was given)."""
+        return str(self.meta.get("observable", "loss"))
+
     def top(self, q: int, k: int = 5) -> TopInfluences:
-        """The ``k`` strongest proponents and opponents of query ``q``."""
-        if not 0 <= q < self.num_queries:
-            raise IndexError(f"query index {q} out of range [0, {self.num_queries}).")
-        k = max(0, min(k, self.num_train))
+        """The ``k`` strongest proponents and opponents of query ``q``.
+
+        Raises:
+            SelectionError: ``q`` is not a query of this result.
+            ConfigError: ``k`` is not a positive integer.
+        """
+        if isinstance(q, bool) or not isinstance(q, int) or not 0 <= q < self.num_queries:
+            raise SelectionError(
+                f"query index {q!r} out of range: this result has {self.num_queries} queries "
+                f"(0 to {self.num_queries - 1})."
+            )
+        check_k(k)
+        k = min(k, self.num_train)
         row, se = self.scores[q], self.stderr[q]
         order = torch.argsort(row)
         mk = lambda i: Influence(int(i), float(row[i]), float(se[i]))  # noqa: E731
         pro = [mk(i) for i in order[:k] if row[i] < 0]
         opp = [mk(i) for i in order.flip(0)[:k] if row[i] > 0]
-        return TopInfluences(q, pro, opp)
+        return TopInfluences(q, pro, opp, self.observable)
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path/result.safetensors`` and ``path/result.json`` (config, meta, version)."""
+        """Write ``path/result.safetensors`` (and ``tokens.safetensors``), then
+        ``path/result.json`` (config, meta, and the size and hash of each tensor file).
+
+        ``result.json`` is removed first and written last, each file atomically: a save that
+        is interrupted leaves a directory that :meth:`load` refuses, never a mix of two
+        results.
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {n: getattr(self, n).detach().cpu().contiguous() for n in self._TENSORS},
-            str(path / TENSORS_FILE),
-        )
-        meta = {"config": self.config.to_dict(), "meta": self.meta}
-        (path / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        (path / META_FILE).unlink(missing_ok=True)
+        tensors = {n: getattr(self, n).detach().cpu().contiguous() for n in self._TENSORS}
+        write_atomic(path / TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        files = [TENSORS_FILE]
         if self.tokens is not None:
             self.tokens.save(path)
+            files.append(TOKENS_FILE)
+        else:
+            (path / TOKENS_FILE).unlink(missing_ok=True)
+        meta = {
+            "config": self.config.to_dict(),
+            "meta": self.meta,
+            "files": {f: file_digest(path / f) for f in files},
+        }
+        write_json(path / META_FILE, meta)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> BIFResult:
+        """Read a result written by :meth:`save`.
+
+        Raises:
+            ArtifactError: ``path`` holds no result, an incomplete one (an interrupted save) or
+                a damaged one (a file that does not match the size and hash recorded in
+                ``result.json``, or cannot be parsed); the message names the file.
+        """
         path = Path(path)
-        if not (path / TENSORS_FILE).exists() or not (path / META_FILE).exists():
+        fix = f"The result in {path} must be recomputed (or saved again)."
+        if not (path / META_FILE).exists():
+            if (path / TENSORS_FILE).exists():
+                raise ArtifactError(
+                    f"{path} holds {TENSORS_FILE} but no {META_FILE}: its save did not finish. "
+                    + fix
+                )
             raise ArtifactError(
                 f"{path} is not a saved BIF result (expected {TENSORS_FILE} and {META_FILE})."
             )
-        tensors = load_file(str(path / TENSORS_FILE))
-        meta = json.loads((path / META_FILE).read_text())
+        meta = read_json(path / META_FILE, fix)
+        files = meta.get("files", {TENSORS_FILE: None})
+        if not isinstance(files, dict) or TENSORS_FILE not in files:
+            raise damaged(path / META_FILE, f"it lists no {TENSORS_FILE}", fix)
+        for name, expected in files.items():
+            file = path / str(name)
+            if not file.exists():
+                raise ArtifactError(f"{file} is missing. {fix}")
+            # Results from before the manifest carry no hashes: their files are parsed below.
+            if expected is not None and file_digest(file) != expected:
+                raise damaged(file, f"its size or hash differs from {META_FILE}'s record", fix)
+        tensors = load_safetensors(path / TENSORS_FILE, fix)
+        missing = [n for n in cls._TENSORS if n not in tensors]
+        if missing:
+            raise damaged(path / TENSORS_FILE, f"it lacks {missing}", fix)
+        try:
+            config = BIFConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, BIFError) as e:
+            raise damaged(path / META_FILE, f"its config is invalid: {e}", fix) from e
+        tokens = TokenTraces.load(path) if TOKENS_FILE in files else None
         return cls(
             **{n: tensors[n] for n in cls._TENSORS},
-            config=BIFConfig.from_dict(meta["config"]),
+            config=config,
             meta=meta.get("meta", {}),
-            tokens=TokenTraces.load(path) if (path / TOKENS_FILE).exists() else None,
+            tokens=tokens,
         )
+
+
+def check_k(k: object) -> None:
+    """``k`` (how many top examples or tokens to list) must be a positive integer."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k must be a positive integer (how many to list), got {k!r}.")
+
+
+def load_safetensors(path: Path, fix: str) -> dict[str, Tensor]:
+    """All tensors of a safetensors file; :class:`ArtifactError` naming it if unreadable."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+        raise damaged(path, f"{type(e).__name__}: {e}", fix) from e

@@ -164,6 +164,22 @@ class RegressionTask(OutputLossTask):
 OBSERVABLES: dict[str, OutputLossFn | None] = {"loss": None, "margin": margin}
 
 
+def observable_name(task: Task, observable: str | OutputLossFn | None) -> str:
+    """A short name of the query observable for messages and reports ("loss", "margin", a
+    function's name, or "observable" for an anonymous one)."""
+    if isinstance(observable, str):
+        return observable
+    if observable is None:
+        custom = not isinstance(task, OutputLossTask) and hasattr(task, "observable")
+        if not custom and not (
+            isinstance(task, OutputLossTask) and task.observable_fn is not task.loss_fn
+        ):
+            return "loss"
+        observable = getattr(task, "observable_fn", None) or getattr(task, "observable", None)
+    name = getattr(observable, "__name__", "")
+    return name if name and name != "<lambda>" else "observable"
+
+
 def make_task(
     task: str | Task | OutputLossFn,
     observable: str | OutputLossFn | None = None,

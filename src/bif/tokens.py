@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from bif.errors import ArtifactError, ConfigError
+from bif.checkpoint import write_atomic
+from bif.errors import ArtifactError, ConfigError, SelectionError
 
 TOKENS_FILE = "tokens.safetensors"
 Side = Literal["train", "query"]
@@ -77,7 +78,10 @@ class TokenTraces:
         cols = (index[:, 0] == sequence).nonzero().squeeze(1)
         if cols.numel() == 0:
             n = int(index[:, 0].max()) + 1 if index.numel() else 0
-            raise IndexError(f"{side} sequence {sequence} has no attributed token (of {n}).")
+            raise SelectionError(
+                f"{side} sequence {sequence} has no attributed token (this result has {n} "
+                f"{side} sequences with attributed tokens, 0 to {n - 1})."
+            )
         return cols
 
     def positions(self, side: Side, sequence: int) -> Tensor:
@@ -98,10 +102,9 @@ class TokenTraces:
 
     def _sequence_sums(self, side: Side, sequences: Tensor) -> Tensor:
         """Centred float64 sequence losses ``[C, D, len(sequences)]`` (sums of token columns)."""
-        index = self._index(side)
         out = []
         for s in sequences.tolist():
-            out.append(self._traces(side)[:, :, index[:, 0] == s].double().sum(-1))
+            out.append(self._traces(side)[:, :, self.tokens_of(side, s)].double().sum(-1))
         x = torch.stack(out, -1)
         return x - x.mean(1, keepdim=True)
 
@@ -210,15 +213,23 @@ class TokenTraces:
         cols = self.tokens_of(side, sequence)
         hit = cols[self._index(side)[cols, 1] == position]
         if hit.numel() == 0:
-            raise IndexError(
-                f"position {position} of {side} sequence {sequence} is not attributed; "
-                f"attributed positions: {self._index(side)[cols, 1].tolist()}."
+            why = (
+                " (position 0 never is: its token has no context to be predicted from)"
+                if position == 0
+                else ""
+            )
+            raise SelectionError(
+                f"position {position} of {side} sequence {sequence} is not attributed{why}; "
+                f"its attributed positions: {_ranges(self._index(side)[cols, 1].tolist())}."
             )
         return hit[0]
 
     @staticmethod
     def _top(row: Tensor, index: Tensor, k: int) -> list[TokenInfluence]:
-        order = torch.argsort(row)[: max(0, k)]
+        from bif.result import check_k
+
+        check_k(k)
+        order = torch.argsort(row)[:k]
         return [
             TokenInfluence(int(index[i, 0]), int(index[i, 1]), float(row[i]))
             for i in order
@@ -240,13 +251,31 @@ class TokenTraces:
             "train": self.train, "query": self.query,
             "train_index": self.train_index, "query_index": self.query_index,
         }  # fmt: skip
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / TOKENS_FILE))
+        cpu = {k: v.contiguous() for k, v in tensors.items()}
+        write_atomic(path / TOKENS_FILE, lambda tmp: save_file(cpu, str(tmp)))
         return path / TOKENS_FILE
 
     @classmethod
     def load(cls, path: str | Path) -> TokenTraces:
+        """Read ``tokens.safetensors``; :class:`ArtifactError` if absent or damaged."""
+        from bif.result import load_safetensors
+
         file = Path(path) / TOKENS_FILE
         if not file.exists():
             raise ArtifactError(f"{path} holds no token traces ({TOKENS_FILE}).")
-        t = load_file(str(file))
-        return cls(t["train"], t["query"], t["train_index"], t["query_index"])
+        t = load_safetensors(file, f"The result in {path} must be recomputed (or saved again).")
+        names = ("train", "query", "train_index", "query_index")
+        if any(n not in t for n in names):
+            raise ArtifactError(f"{file} lacks some of {names}; the result must be recomputed.")
+        return cls(*(t[n] for n in names))
+
+
+def _ranges(values: list[int]) -> str:
+    """``[1, 2, 3, 7, 8]`` -> ``"1-3, 7-8"`` (attributed positions are mostly runs)."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
