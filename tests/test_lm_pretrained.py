@@ -137,6 +137,12 @@ def padded_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_right_padding_leaves_token_losses_unchanged(attn, dtype, tol):
+    if attn == "eager" and dtype == torch.float64:
+        # transformers' eager attention takes its softmax in float32 whatever the model's dtype
+        # (`softmax(..., dtype=torch.float32)`), so float64 agrees only to float32 rounding: a
+        # different sequence length rounds the logits' matmul differently (measured 4e-9 with
+        # transformers 5.24).
+        tol = torch.finfo(torch.float32).eps
     model = tiny_llama(attn, dtype)
     ids, mask, lengths = padded_batch()
     with torch.no_grad():
