@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -50,9 +51,16 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, bif_cmd: list[str]) -> De
     """The real default ``bif demo --out DIR``, run exactly once, in a temporary directory."""
     cwd = tmp_path_factory.mktemp("demo")
     out = cwd / "bif-demo"
+    # The command runs in a temporary directory: a relative PYTHONPATH (`PYTHONPATH=src`, as in
+    # a worktree) would resolve there and silently fall back to the installed bif.
+    env = dict(os.environ)
+    if env.get("PYTHONPATH"):
+        parts = env["PYTHONPATH"].split(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(x).resolve()) for x in parts if x)
     proc = subprocess.run(
         [*bif_cmd, "demo", "--out", str(out)],
         cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,

@@ -51,8 +51,9 @@ def test_render_orders_escapes_and_embeds() -> None:
     assert 'class="tag tag-misclassified"' in html
     # Self-contained: no external URL is loaded by the page.
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)
-    # Query 0: 2 proponents + 2 opponents; query 1: 1 opponent; 2 self-influence; 2 plots.
-    assert html.count('src="data:image/png;base64,') == 4 + 1 + 2 + 2
+    # Query 0: 2 proponents + 2 opponents; query 1: 1 opponent; 2 self-influence; 3 plots
+    # (chain mean of the step and draw losses, and one panel per chain).
+    assert html.count('src="data:image/png;base64,') == 4 + 1 + 2 + 3
     q0 = html.split('data-query="0"')[1].split('data-query="1"')[0]
     pro = re.findall(r'train-example proponent[^"]*" data-index="(\d+)"', q0)
     opp = re.findall(r'train-example opponent[^"]*" data-index="(\d+)"', q0)
@@ -69,6 +70,7 @@ def test_render_without_views_and_without_stderr() -> None:
     assert 'class="query-image"' not in html and "± n/a" in html
     assert 'data-stderr="nan"' in html and not re.search(r'class="[^"]*not-significant', html)
     assert html.count('class="query"') == 2
+    assert "z n/a (1 chain)" in html and '<figure class="plot" data-plot="chains"' not in html
 
 
 def _launch(playwright):
@@ -133,4 +135,4 @@ def test_demo_report_in_browser(demo_run, tmp_path) -> None:
                 assert s["stderr"] == pytest.approx(float(result.stderr[q, s["index"]]), rel=1e-12)
                 assert s["text"] == f"{s['score']:+.3g} ± {s['stderr']:.2g}"
     assert si == result.self_influence.argsort()[:k].tolist()
-    assert plots == ["step-loss", "draw-loss"]
+    assert plots == ["step-loss", "draw-loss", "chains"]

@@ -321,17 +321,24 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    """The page that fits the saved result: the digits demo's (demo.json), token heatmaps for a
+    result with per-token traces (with its lm.json text, or tokens by position), else cards."""
     from bif.demo import load_demo_info, write_demo_report
+    from bif.lm.report import LM_FILE, load_token_text, write_lm_report
     from bif.report import write_report
+    from bif.tokens import TOKENS_FILE
 
     _check_positive("-k", args.k)
     out = args.out or args.result_dir / "report.html"
-    from bif.lm.report import load_token_text, write_lm_report
-
     if load_demo_info(args.result_dir) is not None:
         path = write_demo_report(args.result_dir, out, k=args.k)
-    elif load_token_text(args.result_dir) is not None:
+    elif (args.result_dir / TOKENS_FILE).exists():
         path = write_lm_report(args.result_dir, out, k=args.k)
+        if load_token_text(args.result_dir) is None:
+            print(
+                f"note: no {LM_FILE} next to the result, so tokens are shown by position; the "
+                "page says how to save the text (bif.lm.report.save_lm_text)."
+            )
     else:
         path = write_report(out, BIFResult.load(args.result_dir), k=args.k)
     print(f"report: {path}")

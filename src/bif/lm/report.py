@@ -3,23 +3,34 @@
 A run saves its :class:`bif.BIFResult` (with per-token traces) and, next to it, ``lm.json``:
 the display text of every token of every training and query sequence (and, optionally, the
 query tokens' losses at the checkpoint). :func:`write_lm_report` rebuilds the page from those
-two files, so a saved run can always be re-rendered (``bif report RESULT_DIR``).
+two files, so a saved run can always be re-rendered (``bif report RESULT_DIR``). Without
+``lm.json`` the page still shows every heatmap, with tokens labelled by their positions, and
+says how to add the text: one call of :func:`save_lm_text` with the tokenizer and the batches::
+
+    result = bif.attribute(model, train, query, task=CausalLMTask())
+    result.save("run")
+    save_lm_text("run", tokenizer, train, query)     # writes run/lm.json
+    # bif report run
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bif.errors import ArtifactError
+from bif.errors import ArtifactError, DataError
+from bif.report.diagnostics import observable_name
 from bif.report.tokens import TokenPassage, TokenQueryView, write_token_report
 from bif.result import BIFResult
+from bif.tokens import TokenTraces
 
 LM_FILE = "lm.json"
+DECODE_WINDOW = 8  # tokens of left context when decoding one token (a character spans ≤ 4)
 
 
 def save_token_text(
@@ -39,13 +50,106 @@ def save_token_text(
     return path
 
 
+def token_text(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """Display text of each token of one sequence, whatever the tokenizer's scheme.
+
+    A token's text is what decoding it adds to the decoded tokens before it (within
+    :data:`DECODE_WINDOW`), so leading spaces (SentencePiece ``▁``, byte-level ``Ġ``) come out
+    as spaces. A byte-level piece that only starts a multi-byte character shows as ``""`` and
+    the token completing it shows the character. ``tokenizer``: anything with
+    ``decode(ids) -> str`` (Hugging Face), or a function ``ids -> list[str]``.
+    """
+    ids = [int(i) for i in ids]
+    if not hasattr(tokenizer, "decode"):
+        out = list(tokenizer(ids))
+        if len(out) != len(ids):
+            raise DataError(f"the token text function gave {len(out)} strings for {len(ids)} ids.")
+        return [str(x) for x in out]
+    pieces = []
+    for i in range(len(ids)):
+        lo = max(0, i - DECODE_WINDOW)
+        stem = tokenizer.decode(ids[lo:i]).rstrip("\ufffd") if i > lo else ""
+        full = tokenizer.decode(ids[lo : i + 1])
+        piece = full[len(stem) :] if full.startswith(stem) else tokenizer.decode(ids[i : i + 1])
+        pieces.append(piece.rstrip("\ufffd") if i + 1 < len(ids) else piece)
+    return pieces
+
+
+def batch_token_text(tokenizer: Any, batch: Any) -> list[list[str]]:
+    """:func:`token_text` of every sequence of a right-padded batch (padding excluded).
+
+    ``batch``: a dict with ``input_ids`` ``[B, S]`` (and ``attention_mask``), as made by
+    :func:`bif.lm.encode`, or a list of id lists.
+    """
+    if isinstance(batch, dict):
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        lengths = mask.sum(1).tolist() if mask is not None else [ids.shape[1]] * len(ids)
+        rows = [ids[i, : int(n)].tolist() for i, n in enumerate(lengths)]
+    else:
+        rows = [list(r) for r in batch]
+    return [token_text(tokenizer, r) for r in rows]
+
+
+def save_lm_text(
+    result_dir: str | Path,
+    tokenizer: Any,
+    train: Any,
+    query: Any,
+    *,
+    query_token_loss: list[list[float]] | None = None,
+    title: str | None = None,
+    note: str | None = None,
+    report_meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``lm.json`` in one call from the tokenizer and the batches given to ``attribute``.
+
+    Args:
+        result_dir: the directory the result was saved to.
+        tokenizer: a Hugging Face tokenizer (or a function ``ids -> list[str]``).
+        train, query: the encoded batches (``bif.lm.encode``'s dicts) that were attributed.
+        query_token_loss: per query, each token's loss at w* (NaN where not attributed), shown
+            when hovering a query token.
+        title, note, report_meta: the page's title, a line under it, more "Run" table rows.
+    """
+    extra: dict[str, Any] = {}
+    for key, value in (("title", title), ("note", note), ("report_meta", report_meta)):
+        if value is not None:
+            extra[key] = value
+    return save_token_text(
+        result_dir,
+        batch_token_text(tokenizer, train),
+        batch_token_text(tokenizer, query),
+        query_token_loss,
+        extra,
+    )
+
+
 def load_token_text(result_dir: str | Path) -> dict[str, Any] | None:
     path = Path(result_dir) / LM_FILE
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _nan_list(x: torch.Tensor) -> list[float]:
-    return [float(v) for v in x.tolist()]
+def positional_tokens(tok: TokenTraces, side: str, count: int) -> list[list[str]]:
+    """Stand-in token text when none was saved: each token shown as its position, up to the
+    last attributed one (the traces know positions, not ids)."""
+    index = tok.train_index if side == "train" else tok.query_index
+    last = torch.full((count,), -1, dtype=torch.long)
+    last.scatter_reduce_(0, index[:, 0], index[:, 1], reduce="amax")
+    return [[str(s) for s in range(int(n) + 1)] for n in last.tolist()]
+
+
+def _per_position(tok: TokenTraces, side: Any, seq: int, values: torch.Tensor, n: int) -> list:
+    index = tok.train_index if side == "train" else tok.query_index
+    cols = index[:, 0] == seq
+    if not bool(cols.any()):  # e.g. a one-token sequence: nothing is attributed
+        return [math.nan] * n
+    if int(index[cols, 1].max()) >= n:
+        raise ArtifactError(
+            f"{side} sequence {seq} has attributed position {int(index[cols, 1].max())} but "
+            f"only {n} token strings: the token text does not belong to this result."
+        )
+    return [float(v) for v in tok.per_position(side, seq, values, n).tolist()]
 
 
 def token_query_views(
@@ -77,14 +181,14 @@ def token_query_views(
 
         def passage(i: int, q: int = q, col: torch.Tensor = train_col) -> TokenPassage:
             n_q, n_i = len(query_tokens[q]), len(train_tokens[i])
-            on_query = tok.per_position("query", q, tok.query_token_scores(i), n_q)
             return TokenPassage(
                 index=i,
                 tokens=train_tokens[i],
-                token_scores=_nan_list(tok.per_position("train", i, col, n_i)),
+                token_scores=_per_position(tok, "train", i, col, n_i),
                 score=float(result.scores[q, i]),
                 stderr=float(result.stderr[q, i]),
-                query_token_scores=_nan_list(on_query),
+                query_token_scores=_per_position(tok, "query", q, tok.query_token_scores(i), n_q),
+                loss_star=float(result.train_loss_star[i]),
             )
 
         pro = [passage(int(i)) for i in order[:k] if row[i] < 0]
@@ -94,34 +198,39 @@ def token_query_views(
             if query_token_loss is not None
             else [math.nan] * len(query_tokens[q])
         )
-        views.append(TokenQueryView(q, query_tokens[q], [float(x) for x in loss], pro, opp))
+        value = float(result.query_star[q])
+        views.append(TokenQueryView(q, query_tokens[q], [float(x) for x in loss], pro, opp, value))
     return views
 
 
 def write_lm_report(
     result_dir: str | Path, path: str | Path, k: int = 3, title: str | None = None
 ) -> Path:
-    """(Re)build the token heatmap page from ``result_dir`` (a saved result and its lm.json)."""
-    info = load_token_text(result_dir)
-    if info is None:
-        raise ArtifactError(f"{result_dir} holds no {LM_FILE}: save it with save_token_text.")
+    """(Re)build the token heatmap page from ``result_dir``: a saved result with per-token
+    traces and, if saved, its ``lm.json`` (else tokens are shown by position, and the page says
+    how to save the text)."""
     result = BIFResult.load(result_dir)
+    if result.tokens is None:
+        raise ArtifactError(
+            f"{result_dir} holds no per-token traces: attribute with bif.lm.CausalLMTask."
+        )
+    info = load_token_text(result_dir)
+    missing = info is None
+    if info is None:
+        info = {
+            "train_tokens": positional_tokens(result.tokens, "train", result.num_train),
+            "query_tokens": positional_tokens(result.tokens, "query", result.num_queries),
+        }
     views = token_query_views(
         result, info["train_tokens"], info["query_tokens"], info.get("query_token_loss"), k
     )
-    meta = {
-        "sequences attributed": result.num_train,
-        "queries": result.num_queries,
-        "chains x draws": f"{result.config.num_chains} x {result.config.num_draws}",
-        "damping γ/nβ": result.meta.get("damping"),
-        "sampling seconds": result.meta.get("sampling_seconds"),
-        "bif version": result.meta.get("bif_version"),
-    }
-    meta.update(info.get("report_meta", {}))
     return write_token_report(
         path,
         views,
         title=title or info.get("title", "bif: per-token influence"),
-        meta=meta,
+        meta=info.get("report_meta", {}),
         note=info.get("note"),
+        result=result,
+        observable=observable_name(result),
+        missing_text=str(result_dir) if missing else None,
     )

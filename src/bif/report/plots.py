@@ -1,15 +1,25 @@
-"""Diagnostic plots of a saved result, rendered to PNG data URIs with matplotlib (no pyplot)."""
+"""Diagnostic plots of a saved result, rendered to PNG data URIs with matplotlib (no pyplot).
+
+Eight or sixteen overlaid chains are a tangle, so the traces are summarised: the chain mean with
+a band (min–max over chains, and ±1 sd), and small multiples (one small panel per chain on a
+shared y axis) for spotting the one chain that drifts. Both stay readable from 2 to 16 chains.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
 import math
+import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from bif.result import BIFResult
+
+MEAN_COLOUR = "#0969da"
+CHAIN_COLOUR = "#57606a"
 
 
 def _figure_uri(fig: Any) -> str:
@@ -18,61 +28,133 @@ def _figure_uri(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _new_axes(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
+def _figure(width: float, height: float) -> Any:
     from matplotlib.figure import Figure  # lazy: matplotlib is slow to import
 
-    fig = Figure(figsize=(6.4, 3.2), dpi=100, layout="constrained")
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _finite_range(trace: np.ndarray) -> tuple[float, float] | None:
+    finite = trace[np.isfinite(trace)]
+    return (float(finite.min()), float(finite.max())) if finite.size else None
+
+
+def _log_if_wide(ax: Any, trace: np.ndarray) -> None:
+    """Log scale when the trace spans orders of magnitude (a diverging start, tiny losses)."""
+    span = _finite_range(trace)
+    if span is not None and span[0] > 0 and span[1] / span[0] > 30:
+        ax.set_yscale("log")
+
+
+def _marks(ax: Any, star: float, burnin: int | None) -> None:
+    ax.axhline(star, color="k", ls="--", lw=1, label="loss at w*")
+    if burnin is not None:
+        ax.axvline(burnin, color="k", ls=":", lw=1, label="end of burn-in")
+
+
+def chain_summary(trace: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per step, over chains: ``mean``, ``sd``, ``lo`` and ``hi`` (NaN entries ignored)."""
+    t = trace.detach().to(torch.float64).cpu().numpy()
+    with warnings.catch_warnings():  # a step no chain has reached (NaN column) stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {
+            "mean": np.nanmean(t, 0),
+            "sd": np.nanstd(t, 0, ddof=1) if t.shape[0] > 1 else np.zeros(t.shape[1]),
+            "lo": np.nanmin(t, 0),
+            "hi": np.nanmax(t, 0),
+        }
+
+
+def _band_axes(trace: torch.Tensor, title: str, xlabel: str, star: float, burnin: int | None):
+    """Chain mean, ±1 sd and min–max bands of a ``[C, T]`` trace on one axes."""
+    fig = _figure(6.4, 3.2)
     ax = fig.add_subplot()
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel("mean loss")
     ax.grid(alpha=0.3)
-    return fig, ax
+    c = trace.shape[0]
+    s = chain_summary(trace)
+    x = np.arange(trace.shape[1])
+    if c > 1:
+        ax.fill_between(x, s["lo"], s["hi"], color=MEAN_COLOUR, alpha=0.15, lw=0,
+                        label=f"min–max of {c} chains")  # fmt: skip
+        ax.fill_between(x, s["mean"] - s["sd"], s["mean"] + s["sd"], color=MEAN_COLOUR,
+                        alpha=0.3, lw=0, label="±1 sd across chains")  # fmt: skip
+    ax.plot(x, s["mean"], color=MEAN_COLOUR, lw=1.5, label="chain mean" if c > 1 else "chain 0")
+    _marks(ax, star, burnin)
+    _log_if_wide(ax, trace.detach().to(torch.float64).cpu().numpy())
+    # Below the axes, never over the traces it explains.
+    fig.legend(fontsize=7, loc="outside lower center", ncols=5, frameon=False)
+    return fig
 
 
-def _per_chain(ax: Any, trace: torch.Tensor) -> None:
-    """One line per chain of a ``[C, T]`` trace (NaN entries, e.g. unfinished draws, are gaps)."""
-    t = trace.to(torch.float64)
-    for c in range(t.shape[0]):
-        ax.plot(range(t.shape[1]), t[c].tolist(), lw=0.8, alpha=0.8)
+def _small_multiples(trace: torch.Tensor, star: float, burnin: int) -> Any:
+    """One small panel per chain (shared axes), the chain mean in grey behind each."""
+    c, t = trace.shape
+    cols = min(c, 4)
+    rows = math.ceil(c / cols)
+    fig = _figure(8.0, 0.4 + 1.25 * rows)
+    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False)
+    data = trace.detach().to(torch.float64).cpu().numpy()
+    mean = chain_summary(trace)["mean"]
+    x = np.arange(t)
+    for i, ax in enumerate(axes.flat):
+        if i >= c:
+            ax.set_visible(False)
+            continue
+        ax.plot(x, mean, color="#afb8c1", lw=1)
+        ax.plot(x, data[i], color=MEAN_COLOUR, lw=0.9)
+        _marks(ax, star, burnin)
+        ax.text(0.02, 0.95, f"chain {i}", transform=ax.transAxes, fontsize=7, va="top")
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    _log_if_wide(axes.flat[0], data)
+    fig.suptitle("Each chain's loss at every sampler step (grey: chain mean)", fontsize=10)
+    fig.supxlabel("sampler step", fontsize=8)
+    return fig
 
 
 def loss_trace_plots(result: BIFResult) -> dict[str, tuple[str, str]]:
-    """The sampler's loss traces, one line per chain.
+    """The sampler's loss traces as chain summaries and small multiples.
 
     Returns:
-        ``{key: (data_uri, caption)}`` with keys ``"step-loss"`` (``result.step_loss [C, T]``,
-        burn-in marked) and ``"draw-loss"`` (``result.draw_loss [C, D]``); each shows the
-        training loss at the checkpoint w* as a dashed line.
+        ``{key: (data_uri, caption)}`` with keys ``"step-loss"`` (chain mean and bands of
+        ``result.step_loss [C, T]``, burn-in marked), ``"draw-loss"`` (the same for
+        ``result.draw_loss [C, D]``) and ``"chains"`` (one panel per chain of the step loss);
+        each shows the training loss at the checkpoint w* as a dashed line.
     """
     cfg = result.config
+    c = result.step_loss.shape[0]
     star = float(result.train_loss_star.to(torch.float64).mean())
-    out: dict[str, tuple[str, str]] = {}
-
-    fig, ax = _new_axes("Training loss at every sampler step", "sampler step", "mean loss")
-    _per_chain(ax, result.step_loss)
-    ax.axvline(cfg.num_burnin, color="k", ls=":", lw=1)
-    ax.axhline(star, color="k", ls="--", lw=1)
-    if result.step_loss.numel() and bool(torch.isfinite(result.step_loss).any()):
-        # Log scale when the trace spans orders of magnitude (a diverging start, tiny losses).
-        lo = float(result.step_loss[torch.isfinite(result.step_loss)].min())
-        hi = float(result.step_loss[torch.isfinite(result.step_loss)].max())
-        if lo > 0 and hi / lo > 30 and math.isfinite(hi):
-            ax.set_yscale("log")
     batch = "full batch" if cfg.batch_size is None else f"minibatches of {cfg.batch_size}"
+    band = (
+        f"the line is the mean over the {c} chains, the bands ±1 sd and min–max across them"
+        if c > 1
+        else "one chain"
+    )
+    out: dict[str, tuple[str, str]] = {}
+    fig = _band_axes(
+        result.step_loss, "Training loss at every sampler step", "sampler step", star,
+        cfg.num_burnin,
+    )  # fmt: skip
     out["step-loss"] = (
         _figure_uri(fig),
-        f"Loss of the gradient batch ({batch}) at each step, one line per chain; dotted: end "
-        f"of burn-in ({cfg.num_burnin} steps); dashed: loss at w*. It should rise a little "
-        "from w* and then stay flat.",
+        f"Loss of the gradient batch ({batch}) at each step: {band}; dotted: end of burn-in "
+        f"({cfg.num_burnin} steps); dashed: loss at w*. It should rise a little from w* and "
+        "then stay flat.",
     )
-
-    fig, ax = _new_axes("Mean training loss at each recorded draw", "draw", "mean loss")
-    _per_chain(ax, result.draw_loss)
-    ax.axhline(star, color="k", ls="--", lw=1)
+    fig = _band_axes(result.draw_loss, "Mean training loss at each recorded draw", "draw", star,
+                     None)  # fmt: skip
     out["draw-loss"] = (
         _figure_uri(fig),
         f"Mean loss over all attributed training examples at each of the {cfg.num_draws} draws "
-        f"per chain (every {cfg.thin} steps). A chain that keeps drifting biases the scores.",
+        f"per chain (every {cfg.thin} steps): {band}. A drifting mean biases the scores.",
     )
+    if c > 1:
+        out["chains"] = (
+            _figure_uri(_small_multiples(result.step_loss, star, cfg.num_burnin)),
+            "The step loss of each chain on shared axes: a chain that drifts away or gets "
+            "stuck stands out against the grey chain mean.",
+        )
     return out
