@@ -8,12 +8,21 @@ result = bif.attribute(model, train, query, task=CausalLMTask())
 result.scores                            # [Q, N] sequence-level BIF (sum over tokens)
 result.tokens.token_scores()             # [Kq, Kn] token x token BIF, in memory-bounded blocks
 result.tokens.top_train_tokens(0, position=5)
+result.save("out"); save_lm_text("out", tokenizer, train, query)   # then `bif report out`
 
 Only this package's task and encoding helpers are imported here; the Shakespeare corpus, the
 tiny model and the pretrained loader (which need ``transformers``) live in their own modules.
 """
 
+from bif.lm.report import save_lm_text
 from bif.lm.task import CausalLMTask, encode, is_token_task
 from bif.tokens import TokenInfluence, TokenTraces
 
-__all__ = ["CausalLMTask", "TokenInfluence", "TokenTraces", "encode", "is_token_task"]
+__all__ = [
+    "CausalLMTask",
+    "TokenInfluence",
+    "TokenTraces",
+    "encode",
+    "is_token_task",
+    "save_lm_text",
+]

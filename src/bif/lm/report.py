@@ -15,7 +15,6 @@ says how to add the text: one call of :func:`save_lm_text` with the tokenizer an
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from bif.checkpoint import read_json, write_json
 from bif.errors import ArtifactError, DataError
 from bif.report.diagnostics import observable_name
 from bif.report.tokens import TokenPassage, TokenQueryView, write_token_report
@@ -46,7 +46,7 @@ def save_token_text(
         info["query_token_loss"] = query_token_loss
     info.update(extra or {})
     path = Path(result_dir) / LM_FILE
-    path.write_text(json.dumps(info, indent=1, allow_nan=True))
+    write_json(path, info)
     return path
 
 
@@ -127,7 +127,9 @@ def save_lm_text(
 
 def load_token_text(result_dir: str | Path) -> dict[str, Any] | None:
     path = Path(result_dir) / LM_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    return read_json(path, "Write it again with bif.lm.save_lm_text(...), or delete it.")
 
 
 def positional_tokens(tok: TokenTraces, side: str, count: int) -> list[list[str]]:

@@ -14,11 +14,9 @@ e = html.escape
 
 
 def observable_name(result: Any, observable: str | None = None) -> str:
-    """What the queries' φ is called on the page: the explicit name, else ``meta["observable"]``
-    written by :func:`bif.attribute`, else ``"loss"`` (results saved before that key existed)."""
-    if observable:
-        return str(observable)
-    return str(result.meta.get("observable", "loss") or "loss")
+    """What the queries' φ is called on the page: the explicit name, else the result's own
+    (:attr:`bif.BIFResult.observable`, "loss" for results saved before it was recorded)."""
+    return str(observable) if observable else result.observable
 
 
 def plots_html(result: Any) -> str:
