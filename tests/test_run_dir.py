@@ -209,6 +209,37 @@ def test_run_dir_of_an_older_bif_refuses(tmp_path) -> None:
         bif.attribute(model, train, query, run_dir=tmp_path, **FIXED)
 
 
+def test_data_hash_is_content_not_chunking() -> None:
+    from bif.data import DataSource
+    from bif.identity import DataHasher
+
+    _, (x, y), _ = make_problem()
+
+    def digest(data: Any, chunk: int) -> str:
+        h = DataHasher()
+        src = DataSource(data, "train")
+        for start, batch in src.chunks(chunk):
+            h.update(batch, min(chunk, len(src) - start))
+        return h.hexdigest()
+
+    base = digest((x, y), 5)
+    assert digest((x, y), 7) == base == digest(torch.utils.data.TensorDataset(x, y), 24)
+    x2 = x.clone()
+    x2[17, 3] += 1e-12  # one value of one example
+    assert digest((x2, y), 5) != base
+    assert digest((x.float(), y), 5) != base  # the dtype too
+
+
+def test_describe_sees_code_constants_and_closures() -> None:
+    from bif.identity import describe
+
+    assert describe(_obs_logit(0)) == describe(_obs_logit(0))
+    assert describe(_obs_logit(0)) != describe(_obs_logit(1))
+    assert describe(lambda o, y: o[:, 0]) != describe(lambda o, y: o[:, 0] * 2)
+    ce = nn.CrossEntropyLoss(reduction="none")
+    assert describe(ce) != describe(nn.CrossEntropyLoss(reduction="none", label_smoothing=0.1))
+
+
 # -- kills and crashes ---------------------------------------------------------------------
 
 

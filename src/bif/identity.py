@@ -66,6 +66,7 @@ class DataHasher:
 
     def __init__(self) -> None:
         self._leaves: dict[str, Any] = {}
+        self._layout: dict[str, str] = {}
         self._count = 0
 
     def update(self, batch: Any, num_examples: int) -> None:
@@ -75,8 +76,12 @@ class DataHasher:
             h = self._leaves.setdefault(key, _new())
             if isinstance(leaf, Tensor):
                 leaf = leaf.detach()
-                # Row layout and dtype only (the row count varies with the chunk).
-                h.update(f"{tuple(leaf.shape[1:])}:{leaf.dtype}".encode())
+                # The row layout and dtype, whenever they change (not the row count, which
+                # varies with the chunk): rows of another shape are other data.
+                layout = f"{tuple(leaf.shape[1:])}:{leaf.dtype}"
+                if self._layout.get(key) != layout:
+                    h.update(layout.encode())
+                    self._layout[key] = layout
                 h.update(leaf.to("cpu").contiguous().flatten().view(torch.uint8).numpy().tobytes())
             else:
                 h.update(repr(leaf).encode())
