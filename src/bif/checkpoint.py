@@ -97,21 +97,28 @@ def read_json(path: Path, fix: str) -> dict[str, Any]:
     return obj
 
 
-def save_tensors(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """Tensors and their JSON metadata in one safetensors file, written atomically."""
+def save_tensors(
+    path: Path, tensors: dict[str, Tensor], meta: dict[str, Any] | None = None
+) -> None:
+    """Tensors (and their JSON metadata, if any) in one safetensors file, written atomically."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    header = {META_KEY: json.dumps(meta, sort_keys=True)}
+    header = None if meta is None else {META_KEY: json.dumps(meta, sort_keys=True)}
     write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=header))
 
 
-def load_tensors(path: Path, fix: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Inverse of :func:`save_tensors`; :class:`ArtifactError` (saying ``fix``) if damaged."""
+def load_tensors(
+    path: Path, fix: str, with_meta: bool = True
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Inverse of :func:`save_tensors`; :class:`ArtifactError` (saying ``fix``) if damaged.
+    With ``with_meta=False`` the file needs no metadata (and ``{}`` is returned for it)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (OSError, SafetensorError, ValueError, RuntimeError) as e:
         raise damaged(path, f"{type(e).__name__}: {e}", fix) from e
+    if not with_meta:
+        return tensors, {}
     if META_KEY not in header:
         raise damaged(path, "its header has no bif metadata", fix)
     try:

@@ -7,11 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from bif.checkpoint import damaged, file_digest, read_json, write_atomic, write_json
+from bif.checkpoint import damaged, file_digest, load_tensors, read_json, save_tensors, write_json
 from bif.config import BIFConfig
 from bif.errors import ArtifactError, BIFError, ConfigError, SelectionError
 from bif.tokens import TOKENS_FILE, TokenTraces
@@ -136,8 +134,7 @@ class BIFResult:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / META_FILE).unlink(missing_ok=True)
-        tensors = {n: getattr(self, n).detach().cpu().contiguous() for n in self._TENSORS}
-        write_atomic(path / TENSORS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        save_tensors(path / TENSORS_FILE, {n: getattr(self, n) for n in self._TENSORS})
         files = [TENSORS_FILE]
         if self.tokens is not None:
             self.tokens.save(path)
@@ -173,17 +170,18 @@ class BIFResult:
                 f"{path} is not a saved BIF result (expected {TENSORS_FILE} and {META_FILE})."
             )
         meta = read_json(path / META_FILE, fix)
-        files = meta.get("files", {TENSORS_FILE: None})
+        # Results saved before the manifest list no files: their tensor files, unchecked.
+        legacy = [TENSORS_FILE] + [TOKENS_FILE] * (path / TOKENS_FILE).exists()
+        files = meta.get("files", dict.fromkeys(legacy))
         if not isinstance(files, dict) or TENSORS_FILE not in files:
             raise damaged(path / META_FILE, f"it lists no {TENSORS_FILE}", fix)
         for name, expected in files.items():
             file = path / str(name)
             if not file.exists():
                 raise ArtifactError(f"{file} is missing. {fix}")
-            # Results from before the manifest carry no hashes: their files are parsed below.
             if expected is not None and file_digest(file) != expected:
                 raise damaged(file, f"its size or hash differs from {META_FILE}'s record", fix)
-        tensors = load_safetensors(path / TENSORS_FILE, fix)
+        tensors, _ = load_tensors(path / TENSORS_FILE, fix, with_meta=False)
         missing = [n for n in cls._TENSORS if n not in tensors]
         if missing:
             raise damaged(path / TENSORS_FILE, f"it lacks {missing}", fix)
@@ -204,11 +202,3 @@ def check_k(k: object) -> None:
     """``k`` (how many top examples or tokens to list) must be a positive integer."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"k must be a positive integer (how many to list), got {k!r}.")
-
-
-def load_safetensors(path: Path, fix: str) -> dict[str, Tensor]:
-    """All tensors of a safetensors file; :class:`ArtifactError` naming it if unreadable."""
-    try:
-        return load_file(str(path))
-    except (OSError, SafetensorError, ValueError, RuntimeError) as e:
-        raise damaged(path, f"{type(e).__name__}: {e}", fix) from e

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
-from bif.checkpoint import write_atomic
+from bif.checkpoint import load_tensors, save_tensors
 from bif.errors import ArtifactError, ConfigError, SelectionError
 
 TOKENS_FILE = "tokens.safetensors"
@@ -251,19 +250,17 @@ class TokenTraces:
             "train": self.train, "query": self.query,
             "train_index": self.train_index, "query_index": self.query_index,
         }  # fmt: skip
-        cpu = {k: v.contiguous() for k, v in tensors.items()}
-        write_atomic(path / TOKENS_FILE, lambda tmp: save_file(cpu, str(tmp)))
+        save_tensors(path / TOKENS_FILE, tensors)
         return path / TOKENS_FILE
 
     @classmethod
     def load(cls, path: str | Path) -> TokenTraces:
         """Read ``tokens.safetensors``; :class:`ArtifactError` if absent or damaged."""
-        from bif.result import load_safetensors
-
         file = Path(path) / TOKENS_FILE
         if not file.exists():
             raise ArtifactError(f"{path} holds no token traces ({TOKENS_FILE}).")
-        t = load_safetensors(file, f"The result in {path} must be recomputed (or saved again).")
+        fix = f"The result in {path} must be recomputed (or saved again)."
+        t, _ = load_tensors(file, fix, with_meta=False)
         names = ("train", "query", "train_index", "query_index")
         if any(n not in t for n in names):
             raise ArtifactError(f"{file} lacks some of {names}; the result must be recomputed.")
