@@ -161,7 +161,7 @@ def test_resume_reads_stored_eigenpairs(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr("bif.auto.top_hessian_eigenpairs", fail)
     again = bif.attribute(model, (x, y), (x[:3], y[:3]), **kw)
-    assert again.meta["preconditioner"]["hvps"] == 0
+    assert again.meta["preconditioner"]["eigenpair_hvps"] == 0
     assert torch.equal(again.scores, first.scores)
     assert again.config == first.config
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from bif import __version__, checkpoint
-from bif.auto import resolve_auto
+from bif.auto import Curvature, resolve_auto
 from bif.config import AUTO_FIELDS, BIFConfig
 from bif.data import DataSource
 from bif.errors import ConfigError, DataError, ModelError
@@ -22,6 +22,7 @@ from bif.estimator import estimate
 from bif.functional import FunctionalModel
 from bif.identity import DataHasher, checkpoint_values, digest, run_identity
 from bif.observables import check_per_sample
+from bif.pilot import guard
 from bif.result import BIFResult
 from bif.sampler.run import run_chains
 from bif.task import OutputLossFn, Task, make_task, observable_name, task_observable
@@ -77,7 +78,8 @@ def attribute(
 
     Raises:
         ConfigError, DataError, ShapeError: invalid input, with a message saying what to change.
-        ModelError: the model's weights hold NaN/inf.
+        ModelError: the model's weights hold NaN/inf, or the pilot run (:mod:`bif.pilot`) found
+            no stable automatic settings (raised before sampling).
         DivergenceError: a chain produced NaN/inf (lower ``step_size``).
         ArtifactError: ``run_dir`` holds another run (the message says what differs), or a
             damaged file.
@@ -131,7 +133,15 @@ def attribute(
         if rd is not None:
             values = checkpoint_values(train_star, query_star)
             checkpoint.open_run(rd, ident, values, requested.to_dict())
-        cfg, curv = resolve_auto(cfg, fmodel, the_task, train_src, rd, dig)
+        cfg, curv = resolve_auto(cfg, fmodel, the_task, train_src, rd, dig, progress)
+        eig = curv.eigenpairs
+
+        def again(c: BIFConfig) -> tuple[BIFConfig, Curvature]:
+            return resolve_auto(c, fmodel, the_task, train_src, rd, dig, False, eigenpairs=eig)
+
+        cfg, curv = guard(
+            requested, cfg, curv, fmodel, the_task, train_src, query_src, again, progress
+        )
         out = run_chains(
             fmodel, the_task, train_src, query_src, cfg, progress=progress, run_dir=rd,
             checkpoint_every=checkpoint_every, identity=dig, mass=curv.mass,

@@ -23,6 +23,7 @@ from bif import checkpoint
 from bif.config import BIFConfig
 from bif.curvature import (
     KINETIC_STEP_FACTOR,
+    CountedHVP,
     auto_friction,
     auto_gamma,
     auto_nbeta,
@@ -35,10 +36,9 @@ from bif.errors import DataError
 from bif.functional import FunctionalModel
 from bif.sampler.mass import LowRankMass, flatten, unflatten
 from bif.spectrum import (
+    localised_directions,
     lowrank_mass,
-    negative_directions,
-    preconditioned_kmax,
-    preconditioned_kmin,
+    preconditioned_extremes,
     top_hessian_eigenpairs,
 )
 from bif.task import Task
@@ -67,6 +67,9 @@ class Curvature:
     mass: LowRankMass | None = None
     saddle: tuple[torch.Tensor, torch.Tensor] | None = None  # see bif.posterior
     info: dict[str, Any] = field(default_factory=dict)
+    # top Hessian eigenpairs (values [k], vectors [P, k]): they do not depend on nβ or γ, so
+    # re-resolving the rules at another nβ (bif.pilot) reuses them
+    eigenpairs: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def preconditioned(cfg: BIFConfig) -> bool:
@@ -86,6 +89,8 @@ def resolve_auto(
     train: DataSource,
     run_dir: Path | None = None,
     identity: str = "",
+    progress: bool = False,
+    eigenpairs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[BIFConfig, Curvature]:
     """Replace every 'auto' field by its rule, in dependency order (γ -> nβ -> mass -> step
     size and friction), and build the mass matrix of a preconditioned kinetic sampler.
@@ -114,22 +119,50 @@ def resolve_auto(
             log.warning("precondition_rank lowered from %d to %d to fit the Lanczos budget",
                         cfg.precondition_rank, rank)  # fmt: skip
     need_lambda = cfg.step_size == "auto" or cfg.nbeta == "auto"
-    curv = Curvature()
+    curv = Curvature(eigenpairs=eigenpairs if pre else None)
     t0 = time.perf_counter()
-    w = fmodel.w_star
     # The subsample's batches are only built when a rule or the mass needs HVPs.
-    hvp = (
-        hessian_operator(fmodel, task, *_curvature_chunks(train, cfg))
+    counted = (
+        CountedHVP(hessian_operator(fmodel, task, *_curvature_chunks(train, cfg)), progress)
         if pre or need_lambda
         else None
     )
+    try:
+        cfg = _resolve(cfg, curv, fmodel, counted, pre, rank if pre else 0, run_dir, identity)
+    finally:
+        if counted is not None:
+            counted.close()
+    if curv.lambda_max is None:
+        return cfg, curv
+    assert counted is not None
+    curv.info["hvps"] = counted.count
+    curv.info["seconds"] = time.perf_counter() - t0
+    log.info("λ_max(H) = %.4g: nβ = %.4g, γ = %.4g, damping = %.3g, step_size = %.4g %s",
+             curv.lambda_max, cfg.nbeta, cfg.gamma, cfg.damping, cfg.step_size,
+             curv.info)  # fmt: skip
+    return cfg, curv
+
+
+def _resolve(
+    cfg: BIFConfig, curv: Curvature, fmodel: FunctionalModel, counted: CountedHVP | None,
+    pre: bool, rank: int, run_dir: Path | None, identity: str,
+) -> BIFConfig:  # fmt: skip
+    """The body of :func:`resolve_auto`: fills ``curv`` and returns the resolved config."""
+    w = fmodel.w_star
+    hvp: Any = counted
     if pre:
-        assert hvp is not None
-        vals, vecs, hvps = _eigenpairs(hvp, fmodel, cfg, rank, run_dir, identity)
+        assert counted is not None
+        counted.set_stage(f"top {rank} Hessian eigenpairs")
+        before = counted.count
+        if curv.eigenpairs is None:
+            curv.eigenpairs = _eigenpairs(counted, fmodel, cfg, rank, run_dir, identity)
+        vals, vecs = curv.eigenpairs
         curv.lambda_max = float(vals[0])
-        curv.info.update(rank=int(vals.numel()), hvps=hvps)
-    elif hvp is not None:
-        curv.lambda_max = power_iteration(hvp, w, seed=cfg.seed)
+        # HVPs of the eigensolver (0: read from run_dir); "hvps" counts the whole pass
+        curv.info.update(rank=int(vals.numel()), eigenpair_hvps=counted.count - before)
+    elif counted is not None:
+        counted.set_stage("top Hessian eigenvalue")
+        curv.lambda_max = power_iteration(counted, w, seed=cfg.seed)
     if curv.lambda_max is not None and not math.isfinite(curv.lambda_max):
         raise DataError(
             "the Hessian of the training loss at the checkpoint is not finite; check the model "
@@ -148,14 +181,24 @@ def resolve_auto(
         saddle_v = saddle_mu = None
         for _ in range(4):
             curv.mass = lowrank_mass(vals, vecs, cfg.nbeta, cfg.gamma, w)
-            kmax = preconditioned_kmax(hvp, curv.mass, cfg.nbeta, cfg.gamma, w, seed=cfg.seed)
-            kmin = preconditioned_kmin(hvp, curv.mass, cfg.nbeta, cfg.gamma, w, kmax, seed=cfg.seed)
+            assert counted is not None
+            counted.set_stage("extreme eigenvalues of the preconditioned precision")
+            ext = preconditioned_extremes(
+                hvp, curv.mass, cfg.nbeta, cfg.gamma, w, KMIN_FLOOR, seed=cfg.seed
+            )
+            kmax, kmin = ext.kmax, ext.kmin
+            if not (math.isfinite(kmax) and math.isfinite(kmin)):
+                raise DataError(
+                    "the Hessian of the training loss at the checkpoint is not finite; check "
+                    "the model and data, or pass a numeric step_size."
+                )
             if kmin >= KMIN_FLOOR:
                 break
             if cfg.negative_curvature == "localise" and saddle_v is None:
-                v, nb_mu = negative_directions(
-                    hvp, curv.mass, cfg.nbeta, cfg.gamma, w, KMIN_FLOOR,
-                    k=max(8, rank // 2), seed=cfg.seed,
+                counted.set_stage("negatively curved directions")
+                v, nb_mu = localised_directions(
+                    hvp, curv.mass, cfg.nbeta, cfg.gamma, w,
+                    ext.low[:, : max(8, rank // 2)], KMIN_FLOOR,
                 )  # fmt: skip
                 if v.shape[1]:
                     # prior precision 2nβ|μ| along v: curvature γ + nβ|μ|, which the mass gets too
@@ -206,13 +249,7 @@ def resolve_auto(
             cfg = cfg.replace(step_size=auto_step_size(curv.lambda_max, cfg))
         if cfg.friction == "auto":
             cfg = cfg.replace(friction=auto_friction(cfg))
-    if curv.lambda_max is None:
-        return cfg, curv
-    curv.info["seconds"] = time.perf_counter() - t0
-    log.info("λ_max(H) = %.4g: nβ = %.4g, γ = %.4g, damping = %.3g, step_size = %.4g %s",
-             curv.lambda_max, cfg.nbeta, cfg.gamma, cfg.damping, cfg.step_size,
-             curv.info)  # fmt: skip
-    return cfg, curv
+    return cfg
 
 
 def _with_saddle(hvp: Any, v: torch.Tensor, c: torch.Tensor, like: dict) -> Any:
@@ -248,7 +285,7 @@ def _curvature_chunks(train: DataSource, cfg: BIFConfig) -> tuple[list[Any], lis
 def _eigenpairs(
     hvp: Any, fmodel: FunctionalModel, cfg: BIFConfig, rank: int, run_dir: Path | None,
     identity: str,
-) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Top ``rank`` Hessian eigenpairs, read from / written to ``run_dir``."""
     key = {"identity": identity, "rank": rank, "seed": cfg.seed,
            "chunk_size": cfg.chunk_size}  # fmt: skip
@@ -256,8 +293,8 @@ def _eigenpairs(
         saved = checkpoint.load_curvature(run_dir, key)
         if saved is not None:
             log.info("preconditioner eigenpairs read from %s", run_dir / checkpoint.CURVATURE_FILE)
-            return saved["values"], saved["vectors"], 0
-    vals, vecs, hvps = top_hessian_eigenpairs(hvp, fmodel.w_star, rank, seed=cfg.seed)
+            return saved["values"], saved["vectors"]
+    vals, vecs, _ = top_hessian_eigenpairs(hvp, fmodel.w_star, rank, seed=cfg.seed)
     if run_dir is not None:
         checkpoint.save_curvature(run_dir, key, {"values": vals, "vectors": vecs})
-    return vals, vecs, hvps
+    return vals, vecs

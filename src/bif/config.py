@@ -88,6 +88,12 @@ class BIFConfig:
         "adds prior precision 2nβ|μ| along the (up to precondition_rank/2) negatively curved "
         "directions (sampling |H| there), then 'lower' nβ (nbeta='auto') until it is",
     )
+    pilot_steps: int = _f(
+        100,
+        "with an 'auto' step size or nβ: steps of a short pilot run (4 chains, own seeds) that "
+        "checks the automatic settings before sampling and repairs them if a chain diverges or "
+        "leaves w* (at most a fifth of the run's steps, at least 30); 0: no pilot",
+    )
     rmsprop_alpha: float = _f(0.99, "RMSProp decay α of the squared-gradient average")
     rmsprop_eps: float = _f(0.1, "RMSProp ε in the preconditioner 1/(sqrt(V)+ε)")
     chunk_size: int = _f(512, "examples per forward pass when evaluating losses at a draw")
@@ -124,6 +130,7 @@ class BIFConfig:
             "num_burnin": 0,
             "thin": 1,
             "chunk_size": 1,
+            "pilot_steps": 0,
         }
         for name, low in ints.items():
             v = getattr(self, name)

@@ -2,21 +2,21 @@
 
 SGLD on the local posterior is stable only if ε · (nβ · λ_max(H) + γ) < 2, with H the Hessian of
 the mean training loss at w*. λ_max is estimated by power iteration on Hessian-vector products
-(forward-over-reverse ``torch.func.jvp`` of ``torch.func.grad``; reverse-over-reverse ``vjp``
-for models with an op that has no forward-mode rule, e.g. PyTorch's fused CPU attention), which
-costs a few dozen gradient evaluations and no Hessian in memory.
+(reverse-over-reverse autograd, :func:`hessian_operator`), which costs a few dozen gradient
+evaluations and no Hessian in memory. :class:`CountedHVP` counts them and shows progress.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp
+from torch.func import grad, jvp
 
 from bif.config import BIFConfig
 from bif.errors import ConfigError
@@ -37,48 +37,133 @@ def _dot(a: Params, b: Params) -> Tensor:
 
 
 def hessian_operator(
-    fmodel: FunctionalModel, task: Task, chunks: list[Any], sizes: list[int]
-) -> Callable[[Params], Params]:
+    fmodel: FunctionalModel, task: Task, chunks: list[Any], sizes: list[int],
+    mode: Literal["auto", "reverse", "forward"] = "auto",
+) -> Callable[[Params], Params]:  # fmt: skip
     """``v -> H v`` at w* for the Hessian H of the mean loss over ``chunks`` (sizes: examples
-    per chunk), summed chunk by chunk so activation memory stays that of one chunk."""
+    per chunk), summed chunk by chunk so activation memory stays that of one chunk.
+
+    Reverse-over-reverse: the chunk's gradient g(w*) is built with its graph kept, and
+    ``H v = ∂(gᵀv)/∂w`` is one more backward pass through it. With a single chunk the graph is
+    built once and reused by every HVP (one backward per HVP: on a 37k-parameter GPT-2, 4.7 ms
+    against 26 ms for forward-over-reverse ``jvp(grad)``, which re-runs the forward and backward
+    each time; 15 against 47 ms with two chunks); with several, it is rebuilt per
+    chunk so that memory stays that of one chunk. Ops without a double-backward rule fall back to
+    ``torch.func.jvp`` of ``torch.func.grad``; ``mode='forward'`` forces that path (the tests'
+    twin), ``mode='reverse'`` forbids the fallback.
+    """
     n = sum(sizes)
     w = fmodel.w_star
+    names = list(w)
+    cached: dict[int, tuple[list[Tensor], list[Tensor | None]]] = {}
+    mode_ = {"reverse": mode != "forward"}
 
     def chunk_loss(params: Params, batch: Any) -> Tensor:
         return task.loss(fmodel.model_fn(params), batch).sum() / n
 
-    mode = {"forward": True}
+    def graph(i: int) -> tuple[list[Tensor], list[Tensor | None]]:
+        if i in cached:
+            return cached[i]
+        leaves = [w[k].detach().requires_grad_(True) for k in names]
+        with torch.enable_grad():
+            loss = chunk_loss(dict(zip(names, leaves, strict=True)), chunks[i])
+            gs = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        out = (leaves, [g if g is not None and g.requires_grad else None for g in gs])
+        if len(chunks) == 1:
+            cached[i] = out
+        return out
 
-    def chunk_hvp(batch: Any, v: Params) -> Params:
+    def reverse(i: int, v: Params) -> Params:
+        leaves, gs = graph(i)
+        pairs = [(g, v[k]) for g, k in zip(gs, names, strict=True) if g is not None]
+        if not pairs:  # the loss is linear in every sampled parameter: H = 0
+            return {k: torch.zeros_like(w[k]) for k in names}
+        hv = torch.autograd.grad(
+            [g for g, _ in pairs], leaves, [u for _, u in pairs],
+            retain_graph=len(chunks) == 1, allow_unused=True,
+        )  # fmt: skip
+        return {k: torch.zeros_like(w[k]) if h is None else h.detach()
+                for k, h in zip(names, hv, strict=True)}  # fmt: skip
+
+    def forward(i: int, v: Params) -> Params:
+        batch = chunks[i]
         g = lambda p: grad(chunk_loss)(p, batch)  # noqa: E731
-        if mode["forward"]:
+        return jvp(g, (w,), (v,))[1]
+
+    def chunk_hvp(i: int, v: Params) -> Params:
+        if mode_["reverse"]:
             try:
-                return jvp(g, (w,), (v,))[1]
-            except NotImplementedError as e:  # an op without a forward-mode AD rule
-                log.info("HVPs fall back to reverse-over-reverse: %s", str(e).splitlines()[0])
-                mode["forward"] = False
+                return reverse(i, v)
+            except (NotImplementedError, RuntimeError) as e:
+                if not _no_derivative(e) or mode == "reverse":
+                    raise
+                log.info("HVPs fall back to forward-over-reverse: %s", str(e).splitlines()[0])
+                mode_["reverse"] = False
+                cached.clear()
         try:
-            return vjp(g, w)[1](v)[0]
+            return forward(i, v)
         except (NotImplementedError, RuntimeError) as e:
-            if "derivative" not in str(e) and "not implemented" not in str(e).lower():
+            if not _no_derivative(e):
                 raise
             raise ConfigError(
                 "the 'auto' rules and the preconditioner need Hessian-vector products, but an op "
                 f"of this model has no second derivative ({str(e).splitlines()[0]}). For Hugging "
-                "Face models load them with attn_implementation='eager' (fused attention kernels "
-                "have none on the CPU), or pass numeric step_size and nbeta and "
-                "precondition_rank=0."
+                "Face models use eager attention: from_pretrained(..., attn_implementation="
+                "'eager'), AutoModelForCausalLM.from_config(cfg, attn_implementation='eager'), "
+                "or cfg._attn_implementation = 'eager' before building the model from its config "
+                "(fused attention kernels have no second derivative on the CPU). Otherwise pass "
+                "numeric step_size and nbeta and precondition_rank=0."
             ) from e
 
     def hvp(v: Params) -> Params:
         out: Params | None = None
-        for batch in chunks:
-            hv = chunk_hvp(batch, v)
+        for i in range(len(chunks)):
+            hv = chunk_hvp(i, v)
             out = hv if out is None else {k: out[k] + hv[k] for k in hv}
         assert out is not None
         return out
 
     return hvp
+
+
+def _no_derivative(e: BaseException) -> bool:
+    """Whether an autograd error says an op lacks a (forward-mode or second) derivative."""
+    text = str(e).lower()
+    return isinstance(e, NotImplementedError) or "derivative" in text or "not implemented" in text
+
+
+class CountedHVP:
+    """An HVP operator that counts its calls and shows them: a progress bar ("curvature",
+    unit HVP, with the current stage) when ``progress``, and a log line per stage.
+
+    The curvature pass runs a few hundred HVPs before the first sampling step; on a model
+    whose backward pass is slow that is minutes, which must not look like a hang.
+    """
+
+    def __init__(self, hvp: Callable[[Params], Params], progress: bool = False) -> None:
+        from tqdm.auto import tqdm
+
+        self.hvp = hvp
+        self.count = 0
+        self.stage = ""
+        self._bar = tqdm(
+            disable=not progress, desc="curvature", unit="HVP", dynamic_ncols=True,
+            mininterval=0.1 if sys.stderr.isatty() else 10.0,
+        )  # fmt: skip
+
+    def __call__(self, v: Params) -> Params:
+        self.count += 1
+        self._bar.update(1)
+        return self.hvp(v)
+
+    def set_stage(self, stage: str) -> None:
+        """Name what the next HVPs are for (shown on the bar and logged)."""
+        self.stage = stage
+        self._bar.set_postfix_str(stage, refresh=False)
+        log.info("curvature pass: %s (%d HVPs so far)", stage, self.count)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 def power_iteration(

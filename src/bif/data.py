@@ -7,13 +7,14 @@ and random minibatches for the SGLD gradient. A ``DataLoader`` contributes its d
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from bif.errors import DataError
 
@@ -109,6 +110,17 @@ class DataSource:
 
     def __len__(self) -> int:
         return self._len
+
+    def head(self, n: int) -> DataSource:
+        """The first ``n`` examples (same device, dtype and collation)."""
+        out = copy.copy(self)
+        out._len = min(n, self._len)
+        if self._tensors is not None:
+            out._tensors = tuple(t[: out._len] for t in self._tensors)
+        else:
+            assert self._dataset is not None
+            out._dataset = Subset(self._dataset, range(out._len))
+        return out
 
     def batch(self, index: Tensor) -> Batch:
         """Examples ``index`` (1-D long tensor) collated into one batch on the device."""

@@ -36,7 +36,8 @@ MEANINGS: dict[str, str] = {
     "device": "where the chains ran",
     "preconditioner": "the low-rank mass matrix built from Hessian eigenpairs at w*",
     "preconditioner.rank": "Hessian eigenpairs in the mass matrix",
-    "preconditioner.hvps": "Hessian-vector products spent on them",
+    "preconditioner.hvps": "Hessian-vector products in the whole curvature pass",
+    "preconditioner.eigenpair_hvps": "of which the eigensolver (0: read from run_dir)",
     "preconditioner.localised_directions": "negatively curved directions given extra localisation",
     "preconditioner.localised_mu": "the Hessian eigenvalues μ < 0 along those directions",
     "preconditioner.kmax_preconditioned": "largest eigenvalue k'max of M^-½(nβH + γI)M^-½ "

@@ -46,6 +46,7 @@ class RunOutput:
     query_trace: Tensor  # [C, D, Q] query observables at each draw
     resumed: bool
     tokens: TokenTraces | None = None  # per-token traces, for tasks with token_losses
+    energy: Tensor | None = None  # [C, D] U(w) - U(w*) at each draw (not checkpointed)
 
 
 # A draw whose energy U(w) - U(w*) exceeds this many times (P + 10) is a runaway chain. Under the
@@ -83,6 +84,7 @@ def run_chains(
     identity: str = "",
     mass: LowRankMass | None = None,
     saddle: tuple[Tensor, Tensor] | None = None,
+    desc: str = "BIF sampling",
 ) -> RunOutput:
     """Sample ``cfg.num_chains`` chains and stream their draws into per-chain moments.
 
@@ -138,6 +140,7 @@ def run_chains(
     draw_loss = torch.full((C, D), math.nan, dtype=torch.float64)
     step_loss = torch.full((C, T), math.nan, dtype=torch.float64)
     query_trace = torch.full((C, D, Q), math.nan, dtype=torch.float64)
+    energy_trace = torch.full((C, D), math.nan, dtype=torch.float64)
     done_groups: list[int] = []
     resume_group: dict[str, Any] | None = None
     saved: dict[str, Tensor] = {}
@@ -175,7 +178,7 @@ def run_chains(
     bar = tqdm(
         total=len(groups) * T,
         disable=not progress,
-        desc="BIF sampling",
+        desc=desc,
         # In logs (no terminal) every redraw is a new chunk of text: redraw rarely there.
         mininterval=0.1 if sys.stderr.isatty() else 10.0,
         unit="step",
@@ -249,6 +252,7 @@ def run_chains(
                     "is running away (with minibatches, a larger batch_size also helps)",
                 )  # fmt: skip
             update_moments(moments, idx, a, b, inplace=True)
+            energy_trace[chains, d] = energy.detach().to("cpu", torch.float64)
             draw_loss[chains, d] = a.mean(1).to("cpu", torch.float64)
             query_trace[chains, d] = b.to("cpu", torch.float64)
             if token_train is not None and token_query is not None:
@@ -270,7 +274,7 @@ def run_chains(
         traces = TokenTraces(
             token_train, token_query, eval_train.token_index, eval_query.token_index
         )
-    return RunOutput(moments, draw_loss, step_loss, query_trace, resumed, traces)
+    return RunOutput(moments, draw_loss, step_loss, query_trace, resumed, traces, energy_trace)
 
 
 def _flatten_state(state: Any) -> dict[str, Tensor]:
