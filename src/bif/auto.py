@@ -164,10 +164,7 @@ def _resolve(
         counted.set_stage("top Hessian eigenvalue")
         curv.lambda_max = power_iteration(counted, w, seed=cfg.seed)
     if curv.lambda_max is not None and not math.isfinite(curv.lambda_max):
-        raise DataError(
-            "the Hessian of the training loss at the checkpoint is not finite; check the model "
-            "and data, or pass a numeric step_size."
-        )
+        raise _hessian_not_finite()
     if cfg.gamma == "auto":
         cfg = cfg.replace(gamma=auto_gamma(w, cfg.radius))
     requested_nbeta_auto = cfg.nbeta == "auto"
@@ -188,10 +185,7 @@ def _resolve(
             )
             kmax, kmin = ext.kmax, ext.kmin
             if not (math.isfinite(kmax) and math.isfinite(kmin)):
-                raise DataError(
-                    "the Hessian of the training loss at the checkpoint is not finite; check "
-                    "the model and data, or pass a numeric step_size."
-                )
+                raise _hessian_not_finite()
             if kmin >= KMIN_FLOOR:
                 break
             if cfg.negative_curvature == "localise" and saddle_v is None:
@@ -250,6 +244,13 @@ def _resolve(
         if cfg.friction == "auto":
             cfg = cfg.replace(friction=auto_friction(cfg))
     return cfg
+
+
+def _hessian_not_finite() -> DataError:
+    return DataError(
+        "the Hessian of the training loss at the checkpoint is not finite; check the model and "
+        "data, or pass a numeric step_size."
+    )
 
 
 def _with_saddle(hvp: Any, v: torch.Tensor, c: torch.Tensor, like: dict) -> Any:

@@ -145,7 +145,6 @@ class CountedHVP:
 
         self.hvp = hvp
         self.count = 0
-        self.stage = ""
         self._bar = tqdm(
             disable=not progress, desc="curvature", unit="HVP", dynamic_ncols=True,
             mininterval=0.1 if sys.stderr.isatty() else 10.0,
@@ -158,7 +157,6 @@ class CountedHVP:
 
     def set_stage(self, stage: str) -> None:
         """Name what the next HVPs are for (shown on the bar and logged)."""
-        self.stage = stage
         self._bar.set_postfix_str(stage, refresh=False)
         log.info("curvature pass: %s (%d HVPs so far)", stage, self.count)
 

@@ -132,8 +132,8 @@ def guard(
         can_halve = requested.step_size == "auto"
         if can_lower and (record["outcome"] == "slide" or halvings >= 2 or not can_halve):
             assert not isinstance(cfg.nbeta, str)
-            keep = {} if requested.step_size == "auto" else {"step_size": requested.step_size}
-            cfg, curv = resolve(requested.replace(nbeta=cfg.nbeta / 4, **keep))
+            # a given step size stays given: ``requested`` carries it
+            cfg, curv = resolve(requested.replace(nbeta=cfg.nbeta / 4))
             halvings = 0
         elif can_halve:
             assert not isinstance(cfg.step_size, str)
