@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 import bif
+from bif import diagnostics
 from test_run_dir import KILL, make_problem
 
 torch.set_num_threads(1)
@@ -25,6 +26,9 @@ def child(run_dir: str) -> None:
 def _warm_up() -> None:
     model, train, query = make_problem()
     bif.attribute(model, train, query, **dict(KILL, num_draws=2, num_burnin=0))
+    # The diagnostics' first ArviZ call imports scipy.signal and friends (~0.4 s): warm it too,
+    # or most kills would land in the diagnostics after the last checkpoint.
+    diagnostics.diagnose(torch.randn(2, 30), torch.randn(2, 30, 3), torch.randn(3, 5), None)
 
 
 _warm_up()

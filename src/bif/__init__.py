@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 from bif.api import attribute
 from bif.config import BIFConfig
+from bif.diagnostics import Diagnostics, DiagnosticWarning
 from bif.errors import (
     ArtifactError,
     BIFError,
@@ -33,6 +34,8 @@ __all__ = [
     "ClassificationTask",
     "ConfigError",
     "DataError",
+    "DiagnosticWarning",
+    "Diagnostics",
     "DivergenceError",
     "Influence",
     "ModelError",

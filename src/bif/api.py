@@ -17,6 +17,7 @@ from bif import __version__, checkpoint
 from bif.auto import Curvature, resolve_auto
 from bif.config import AUTO_FIELDS, BIFConfig
 from bif.data import DataSource
+from bif.diagnostics import TOKEN_SAMPLE, diagnose, warn_if_not_ok
 from bif.errors import ConfigError, DataError, ModelError
 from bif.estimator import estimate
 from bif.functional import FunctionalModel
@@ -24,7 +25,7 @@ from bif.identity import DataHasher, checkpoint_values, digest, run_identity
 from bif.observables import check_per_sample
 from bif.pilot import guard
 from bif.result import BIFResult
-from bif.sampler.run import run_chains
+from bif.sampler.run import run_chains, trace_index
 from bif.task import OutputLossFn, Task, make_task, observable_name, task_observable
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def attribute(
     finally:
         for m, mode in modes.items():
             m.training = mode
-    est = estimate(out.moments, cfg.centering)
+    est = estimate(out.moments, cfg.centering, out.blocks)
     meta = {
         "bif_version": __version__,
         "torch_version": torch.__version__,
@@ -172,7 +173,20 @@ def attribute(
         "identity": dig,
         "model_was_training": was_training,
         "per_token": out.tokens is not None,
+        "stderr_method": est.stderr_method,
+        "stderr_dof": est.stderr_dof,
     }
+    token_sample = None
+    if out.tokens is not None:
+        tt = out.tokens.train
+        pick = trace_index(tt.shape[-1], TOKEN_SAMPLE)
+        token_sample = tt[..., pick]
+    diag = diagnose(
+        out.draw_loss, out.query_trace, est.scores.cpu(),
+        est.mcse.cpu() if est.mcse is not None else est.stderr.cpu(),
+        out.train_trace, token_sample, out.energy, fmodel.num_params,
+    )  # fmt: skip
+    warn_if_not_ok(diag)
     return BIFResult(
         scores=est.scores.cpu(),
         stderr=est.stderr.cpu(),
@@ -187,6 +201,12 @@ def attribute(
         config=cfg,
         meta=meta,
         tokens=out.tokens,
+        mcse=est.mcse.cpu() if est.mcse is not None else None,
+        stderr_chains=est.stderr_chains.cpu() if est.stderr_chains is not None else None,
+        train_trace=out.train_trace,
+        train_index=out.train_index,
+        energy=out.energy,
+        diagnostics=diag,
     )
 
 

@@ -112,6 +112,17 @@ class BIFConfig:
         "the attributed data's loss (early stopping, weight decay, a subset of the data); the "
         "posterior is then centred on w* with the same Hessian",
     )
+    stderr_blocks: int = _f(
+        8,
+        "slots of batch means per chain (even; block length doubles when full): the reported "
+        "standard error pools the across-chain spread with the spread of block estimates "
+        "inside each chain (bif.mcse); 0: the spread across chains only",
+    )
+    trace_sample: int = _f(
+        64,
+        "training examples (evenly spaced) whose loss traces are kept for the diagnostics "
+        "(R-hat, ESS); 0: none",
+    )
     seed: int = _f(0, "seed of every chain's noise and minibatches (chain c uses seed, c)")
     max_token_trace_mb: float = _f(
         4096.0,
@@ -131,6 +142,8 @@ class BIFConfig:
             "thin": 1,
             "chunk_size": 1,
             "pilot_steps": 0,
+            "stderr_blocks": 0,
+            "trace_sample": 0,
         }
         for name, low in ints.items():
             v = getattr(self, name)
@@ -202,6 +215,10 @@ class BIFConfig:
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ConfigError(
                 f"precondition_rank must be an integer >= 0 (0 = no preconditioning), got {r!r}."
+            )
+        if self.stderr_blocks % 2:
+            raise ConfigError(
+                f"stderr_blocks must be an even number (0 = off), got {self.stderr_blocks}."
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}.")

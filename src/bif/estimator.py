@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from bif.mcse import Blocks, batch_variance, combined_variance
+
 
 class Moments(NamedTuple):
     """Per-chain running statistics. C chains, N train examples, Q queries."""
@@ -93,10 +95,14 @@ def merge_chains(m: Moments) -> Moments:
 
 class Estimates(NamedTuple):
     scores: Tensor  # [Q, N]  BIF = -Cov
-    stderr: Tensor  # [Q, N]
+    stderr: Tensor  # [Q, N]  reported error (across-chain, pooled with batch means if given)
     correlation: Tensor  # [Q, N]  Corr(l_i, φ_q)
     self_influence: Tensor  # [N]  -Var(l_i)
     self_influence_stderr: Tensor  # [N]
+    mcse: Tensor | None = None  # [Q, N]  batch-means (autocorrelation-aware) error alone
+    stderr_dof: float = math.nan  # degrees of freedom behind ``stderr``
+    stderr_method: str = "across-chain"
+    stderr_chains: Tensor | None = None  # [Q, N]  the across-chain error alone
 
 
 def _mean_and_se(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,8 +114,13 @@ def _mean_and_se(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, x.std(0, unbiased=True) / math.sqrt(c)
 
 
-def estimate(m: Moments, centering: str = "chain") -> Estimates:
-    """BIF, its standard error, correlation and self-influence from per-chain moments."""
+def estimate(m: Moments, centering: str = "chain", blocks: Blocks | None = None) -> Estimates:
+    """BIF, its standard error, correlation and self-influence from per-chain moments.
+
+    With ``blocks`` (:mod:`bif.mcse`) the reported error pools the across-chain variance
+    (``C - 1`` degrees of freedom) with the batch-means variance (``Σ_c (K'_c - 1)``), and
+    ``mcse`` holds the batch-means error alone.
+    """
     if bool((m.count < 2).any()):
         raise ValueError("every chain needs at least 2 draws to estimate a covariance")
     denom = (m.count - 1)[:, None]
@@ -129,7 +140,19 @@ def estimate(m: Moments, centering: str = "chain") -> Estimates:
         raise ValueError(f"centering must be 'chain' or 'pooled', got {centering!r}")
     denom_corr = (var_b_mean[:, None] * var_a_mean[None, :]).sqrt()
     corr = torch.where(denom_corr > 0, cov_mean / denom_corr, torch.zeros_like(cov_mean))
-    return Estimates(-cov_mean, cov_se, corr, -var_a_mean, var_a_se)
+    c = int(m.count.shape[0])
+    if blocks is None:
+        return Estimates(-cov_mean, cov_se, corr, -var_a_mean, var_a_se, None, c - 1.0)
+    bv = batch_variance(blocks)
+    dof = float(bv.dof.clamp(min=0).sum())
+    mcse = bv.cov.sum(0).sqrt() / c  # [Q, N]: SE of the mean over chains
+    mcse_a = bv.var_a.sum(0).sqrt() / c
+    se = combined_variance(cov_se**2, c - 1, mcse**2, dof).sqrt()
+    se_a = combined_variance(var_a_se**2, c - 1, mcse_a**2, dof).sqrt()
+    total = (c - 1) * (c > 1) + dof
+    return Estimates(
+        -cov_mean, se, corr, -var_a_mean, se_a, mcse, total, "across-chain+batch-means", cov_se
+    )
 
 
 def batch_covariance(a: Tensor, b: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from bif.checkpoint import damaged, file_digest, load_tensors, read_json, save_tensors, write_json
 from bif.config import BIFConfig
+from bif.diagnostics import Diagnostics
 from bif.errors import ArtifactError, BIFError, ConfigError, SelectionError
 from bif.tokens import TOKENS_FILE, TokenTraces
 
@@ -68,6 +69,14 @@ class BIFResult:
         meta: library version, sizes, timing, device.
         tokens: per-token traces and token-level estimates (:class:`bif.tokens.TokenTraces`)
             for tasks with per-token losses, such as :class:`bif.lm.CausalLMTask`; else None.
+        mcse: ``[Q, N]`` batch-means (autocorrelation-aware) Monte-Carlo error of each score
+            alone (:mod:`bif.mcse`); ``stderr`` pools it with the across-chain spread.
+        stderr_chains: ``[Q, N]`` the across-chain error alone (``C - 1`` degrees of freedom).
+        train_trace: ``[C, D, S]`` losses of ``train_index`` ``[S]`` (a fixed sample of the
+            training examples) at each draw, for the diagnostics.
+        energy: ``[C, D]`` U(w) - U(w*) at each draw.
+        diagnostics: R-hat, ESS, drift, Monte-Carlo errors and the verdict
+            (:class:`bif.diagnostics.Diagnostics`).
     """
 
     scores: Tensor
@@ -83,7 +92,15 @@ class BIFResult:
     config: BIFConfig
     meta: dict[str, Any] = field(default_factory=dict)
     tokens: TokenTraces | None = None
+    mcse: Tensor | None = None
+    stderr_chains: Tensor | None = None
+    train_trace: Tensor | None = None
+    train_index: Tensor | None = None
+    energy: Tensor | None = None
+    diagnostics: Diagnostics | None = None
 
+    # Written when present; results saved before they existed load without them.
+    _OPTIONAL = ("mcse", "stderr_chains", "train_trace", "train_index", "energy")
     _TENSORS = (
         "scores", "stderr", "correlation", "self_influence", "self_influence_stderr",
         "draw_loss", "step_loss", "query_trace", "train_loss_star", "query_star",
@@ -134,7 +151,9 @@ class BIFResult:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / META_FILE).unlink(missing_ok=True)
-        save_tensors(path / TENSORS_FILE, {n: getattr(self, n) for n in self._TENSORS})
+        tensors = {n: getattr(self, n) for n in self._TENSORS}
+        tensors.update({n: t for n in self._OPTIONAL if (t := getattr(self, n)) is not None})
+        save_tensors(path / TENSORS_FILE, tensors)
         files = [TENSORS_FILE]
         if self.tokens is not None:
             self.tokens.save(path)
@@ -144,6 +163,7 @@ class BIFResult:
         meta = {
             "config": self.config.to_dict(),
             "meta": self.meta,
+            "diagnostics": self.diagnostics.to_dict() if self.diagnostics is not None else None,
             "files": {f: file_digest(path / f) for f in files},
         }
         write_json(path / META_FILE, meta)
@@ -190,11 +210,18 @@ class BIFResult:
         except (KeyError, TypeError, BIFError) as e:
             raise damaged(path / META_FILE, f"its config is invalid: {e}", fix) from e
         tokens = TokenTraces.load(path) if TOKENS_FILE in files else None
+        diag = meta.get("diagnostics")
+        try:
+            diagnostics = Diagnostics.from_dict(diag) if diag else None
+        except TypeError as e:
+            raise damaged(path / META_FILE, f"its diagnostics are invalid: {e}", fix) from e
         return cls(
             **{n: tensors[n] for n in cls._TENSORS},
+            **{n: tensors.get(n) for n in cls._OPTIONAL},
             config=config,
             meta=meta.get("meta", {}),
             tokens=tokens,
+            diagnostics=diagnostics,
         )
 
 

@@ -25,6 +25,7 @@ from bif.config import AUTO_FIELDS, BIFConfig
 from bif.data import DataSource, stack_chain_batches
 from bif.errors import ConfigError, DivergenceError
 from bif.estimator import Moments, init_moments, update_moments
+from bif.mcse import Blocks, init_blocks, update_blocks
 from bif.functional import FunctionalModel, Params, mean_loss_and_grad, per_chain
 from bif.lm.task import is_token_task
 from bif.observables import Evaluator, query_observables, train_losses
@@ -46,7 +47,10 @@ class RunOutput:
     query_trace: Tensor  # [C, D, Q] query observables at each draw
     resumed: bool
     tokens: TokenTraces | None = None  # per-token traces, for tasks with token_losses
-    energy: Tensor | None = None  # [C, D] U(w) - U(w*) at each draw (not checkpointed)
+    energy: Tensor | None = None  # [C, D] U(w) - U(w*) at each draw
+    blocks: Blocks | None = None  # batch-means moments (bif.mcse), None if disabled
+    train_trace: Tensor | None = None  # [C, D, S] train losses of the examples train_index
+    train_index: Tensor | None = None  # [S] which training examples train_trace follows
 
 
 # A draw whose energy U(w) - U(w*) exceeds this many times (P + 10) is a runaway chain. Under the
@@ -137,6 +141,10 @@ def run_chains(
     )
 
     moments = init_moments(C, N, Q, device)
+    slots = block_slots(cfg, N, Q)
+    blocks = init_blocks(C, slots, N, Q, -(-D // slots), device) if slots else None
+    train_index = trace_index(N, cfg.trace_sample)
+    train_trace = torch.full((C, D, len(train_index)), math.nan, dtype=torch.float64)
     draw_loss = torch.full((C, D), math.nan, dtype=torch.float64)
     step_loss = torch.full((C, T), math.nan, dtype=torch.float64)
     query_trace = torch.full((C, D, Q), math.nan, dtype=torch.float64)
@@ -151,7 +159,10 @@ def run_chains(
             saved, meta = loaded
             moments = Moments(*(saved[f"moments.{f}"].to(device) for f in Moments._fields))
             draw_loss, step_loss = saved["draw_loss"], saved["step_loss"]
-            query_trace = saved["query_trace"]
+            query_trace, energy_trace = saved["query_trace"], saved["energy"]
+            train_trace = saved["train_trace"]
+            if blocks is not None:
+                blocks = Blocks(*(saved[f"blocks.{f}"].to(device) for f in Blocks._fields))
             if tokens:
                 token_train, token_query = saved["token_train"], saved["token_query"]
             done_groups = meta["done_groups"]
@@ -164,6 +175,9 @@ def run_chains(
             return
         tensors = {f"moments.{f}": t for f, t in zip(Moments._fields, moments, strict=True)}
         tensors.update(draw_loss=draw_loss, step_loss=step_loss, query_trace=query_trace)
+        tensors.update(energy=energy_trace, train_trace=train_trace)
+        if blocks is not None:
+            tensors.update({f"blocks.{f}": t for f, t in zip(Blocks._fields, blocks, strict=True)})
         if token_train is not None and token_query is not None:
             tensors.update(token_train=token_train, token_query=token_query)
         tensors.update(extra)
@@ -252,6 +266,9 @@ def run_chains(
                     "is running away (with minibatches, a larger batch_size also helps)",
                 )  # fmt: skip
             update_moments(moments, idx, a, b, inplace=True)
+            if blocks is not None:
+                update_blocks(blocks, idx, d, a, b)
+            train_trace[chains, d] = a[:, train_index].to("cpu", torch.float64)
             energy_trace[chains, d] = energy.detach().to("cpu", torch.float64)
             draw_loss[chains, d] = a.mean(1).to("cpu", torch.float64)
             query_trace[chains, d] = b.to("cpu", torch.float64)
@@ -274,7 +291,41 @@ def run_chains(
         traces = TokenTraces(
             token_train, token_query, eval_train.token_index, eval_query.token_index
         )
-    return RunOutput(moments, draw_loss, step_loss, query_trace, resumed, traces, energy_trace)
+    return RunOutput(
+        moments, draw_loss, step_loss, query_trace, resumed, traces, energy_trace, blocks,
+        train_trace, train_index,
+    )  # fmt: skip
+
+
+# Memory the batch-means blocks may take ([C, K, Q, N] float64); fewer slots beyond it.
+MAX_BLOCK_BYTES = 2 * 2**30
+
+
+def block_slots(cfg: BIFConfig, num_train: int, num_query: int) -> int:
+    """Slots of the batch-means blocks: ``cfg.stderr_blocks``, halved (down to 2) while
+    ``K · C · Q · N · 8`` bytes exceed :data:`MAX_BLOCK_BYTES`; 0 if even 2 slots would."""
+    k = cfg.stderr_blocks
+    per_slot = cfg.num_chains * num_query * num_train * 8
+    while k >= 2 and k * per_slot > MAX_BLOCK_BYTES:
+        k //= 2
+        k -= k % 2
+    if k < cfg.stderr_blocks:
+        log.warning(
+            "batch-means standard errors: %d of %d slots fit in %.0f MB (C·Q·N = %d); %s",
+            k, cfg.stderr_blocks, MAX_BLOCK_BYTES / 2**20, per_slot // 8,
+            "the reported errors are across-chain only" if k < 2 else "blocks are longer",
+        )  # fmt: skip
+    return k if k >= 2 else 0
+
+
+def trace_index(num_train: int, sample: int) -> Tensor:
+    """The training examples whose loss traces are kept for diagnostics: ``sample`` of them,
+    evenly spaced over the data set (deterministic, so a resumed run keeps the same ones)."""
+    if sample <= 0 or num_train == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if sample >= num_train:
+        return torch.arange(num_train)
+    return torch.linspace(0, num_train - 1, sample).round().long().unique()
 
 
 def _flatten_state(state: Any) -> dict[str, Tensor]:
