@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bif import __version__, checkpoint
+from bif import __version__, checkpoint, stopping
 from bif.auto import Curvature, resolve_auto
 from bif.config import AUTO_FIELDS, BIFConfig
 from bif.data import DataSource
@@ -153,6 +153,11 @@ def attribute(
         for m, mode in modes.items():
             m.training = mode
     est = estimate(out.moments, cfg.centering, out.blocks)
+    adaptive = None
+    if out.stop is not None:
+        # The result records the draws actually taken; meta says why the run stopped there.
+        adaptive = dict(out.stop, description=stopping.describe(out.stop, cfg))
+        cfg = cfg.replace(num_draws=int(out.stop["draws"]))
     meta = {
         "bif_version": __version__,
         "torch_version": torch.__version__,
@@ -175,6 +180,7 @@ def attribute(
         "per_token": out.tokens is not None,
         "stderr_method": est.stderr_method,
         "stderr_dof": est.stderr_dof,
+        "adaptive": adaptive,
     }
     token_sample = None
     if out.tokens is not None:

@@ -34,7 +34,30 @@ class BIFConfig:
     """
 
     num_chains: int = _f(8, "independent chains, all started at w*; >= 2 gives standard errors")
-    num_draws: int = _f(2000, "draws recorded per chain after burn-in")
+    num_draws: int | Literal["auto"] = _f(
+        2000,
+        "draws recorded per chain after burn-in, or 'auto': draw in blocks of check_every until "
+        "the scores are resolved (target_mcse, target_rhat, target_ess) or the budget "
+        "(max_draws, max_seconds) is spent",
+    )
+    max_draws: int = _f(20000, "with num_draws='auto': the most draws per chain")
+    max_seconds: float | None = _f(
+        None, "with num_draws='auto': stop after this much sampling time (None: no limit)"
+    )
+    check_every: int = _f(
+        250, "with num_draws='auto': draws per chain between two checks of the targets"
+    )
+    target_mcse: float = _f(
+        0.1,
+        "with num_draws='auto': largest standard error of each query's top-5 scores relative "
+        "to their mean magnitude",
+    )
+    target_rhat: float = _f(
+        1.01, "with num_draws='auto': largest R-hat of the draw loss and the query traces"
+    )
+    target_ess: float = _f(
+        400.0, "with num_draws='auto': smallest bulk ESS of the draw loss and the query traces"
+    )
     num_burnin: int = _f(200, "sampler steps discarded before the first draw")
     thin: int = _f(1, "sampler steps between two recorded draws")
     step_size: float | Literal["auto"] = _f(
@@ -138,6 +161,8 @@ class BIFConfig:
         ints = {
             "num_chains": 1,
             "num_draws": 2,
+            "max_draws": 2,
+            "check_every": 2,
             "num_burnin": 0,
             "thin": 1,
             "chunk_size": 1,
@@ -147,6 +172,8 @@ class BIFConfig:
         }
         for name, low in ints.items():
             v = getattr(self, name)
+            if name == "num_draws" and v == "auto":
+                continue
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"{name} must be an integer, got {v!r}.")
             if v < low:
@@ -173,6 +200,8 @@ class BIFConfig:
         hints["condition"] = "500 means damping = λ_max/500"
         hints["radius"] = "0.1 lets flat directions move by 10% of the weights' RMS"
         hints["max_token_trace_mb"] = "traces are kept in memory; restrict the tokens instead"
+        hints["target_mcse"] = "0.1 asks for each query's top scores to 10%"
+        hints["target_ess"] = "400 is the usual minimum (Vehtari et al. 2021)"
         for name, hint in hints.items():
             v = getattr(self, name)
             if name in AUTO_NUMBERS and v == "auto":
@@ -216,6 +245,18 @@ class BIFConfig:
             raise ConfigError(
                 f"precondition_rank must be an integer >= 0 (0 = no preconditioning), got {r!r}."
             )
+        if not (isinstance(self.target_rhat, int | float) and self.target_rhat > 1):
+            raise ConfigError(f"target_rhat must be a number > 1, got {self.target_rhat!r}.")
+        ms = self.max_seconds
+        if ms is not None and (
+            isinstance(ms, bool) or not isinstance(ms, int | float) or not ms > 0
+        ):
+            raise ConfigError(f"max_seconds must be a positive number or None, got {ms!r}.")
+        if self.num_draws == "auto" and not self.vmap_chains:
+            raise ConfigError(
+                "num_draws='auto' needs vmap_chains=True (all chains advance together between "
+                "checks); with vmap_chains=False give a number of draws."
+            )
         if self.stderr_blocks % 2:
             raise ConfigError(
                 f"stderr_blocks must be an even number (0 = off), got {self.stderr_blocks}."
@@ -232,8 +273,19 @@ class BIFConfig:
         return self.gamma / self.nbeta
 
     @property
+    def adaptive(self) -> bool:
+        """True when the run length is decided by the targets (``num_draws='auto'``)."""
+        return self.num_draws == "auto"
+
+    @property
+    def draws_capacity(self) -> int:
+        """Draws per chain the run may record: ``num_draws``, or ``max_draws`` when 'auto'."""
+        return self.max_draws if self.num_draws == "auto" else int(self.num_draws)
+
+    @property
     def steps_per_chain(self) -> int:
-        return self.num_burnin + self.num_draws * self.thin
+        """Sampler steps per chain (at most, with ``num_draws='auto'``)."""
+        return self.num_burnin + self.draws_capacity * self.thin
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,14 +20,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bif import checkpoint
+from bif import checkpoint, stopping
 from bif.config import AUTO_FIELDS, BIFConfig
 from bif.data import DataSource, stack_chain_batches
 from bif.errors import ConfigError, DivergenceError
 from bif.estimator import Moments, init_moments, update_moments
-from bif.mcse import Blocks, init_blocks, update_blocks
 from bif.functional import FunctionalModel, Params, mean_loss_and_grad, per_chain
 from bif.lm.task import is_token_task
+from bif.mcse import Blocks, init_blocks, update_blocks
 from bif.observables import Evaluator, query_observables, train_losses
 from bif.posterior import LocalPosterior
 from bif.sampler import kinetic, rmsprop, sgld
@@ -51,6 +51,7 @@ class RunOutput:
     blocks: Blocks | None = None  # batch-means moments (bif.mcse), None if disabled
     train_trace: Tensor | None = None  # [C, D, S] train losses of the examples train_index
     train_index: Tensor | None = None  # [S] which training examples train_trace follows
+    stop: dict[str, Any] | None = None  # num_draws='auto': why and when the run stopped
 
 
 # A draw whose energy U(w) - U(w*) exceeds this many times (P + 10) is a runaway chain. Under the
@@ -103,7 +104,7 @@ def run_chains(
             f"run_chains needs numeric {unresolved}; bif.attribute resolves 'auto' values."
         )
     device = fmodel.device
-    C, D, T = cfg.num_chains, cfg.num_draws, cfg.steps_per_chain
+    C, D, T = cfg.num_chains, cfg.draws_capacity, cfg.steps_per_chain
     N, Q = len(train), len(query)
     vm = cfg.vmap_chains
     groups = [list(range(C))] if vm else [[c] for c in range(C)]
@@ -142,7 +143,8 @@ def run_chains(
 
     moments = init_moments(C, N, Q, device)
     slots = block_slots(cfg, N, Q)
-    blocks = init_blocks(C, slots, N, Q, -(-D // slots), device) if slots else None
+    first = cfg.check_every if cfg.adaptive else D  # blocks double as the run grows
+    blocks = init_blocks(C, slots, N, Q, -(-first // slots), device) if slots else None
     train_index = trace_index(N, cfg.trace_sample)
     train_trace = torch.full((C, D, len(train_index)), math.nan, dtype=torch.float64)
     draw_loss = torch.full((C, D), math.nan, dtype=torch.float64)
@@ -150,6 +152,8 @@ def run_chains(
     query_trace = torch.full((C, D, Q), math.nan, dtype=torch.float64)
     energy_trace = torch.full((C, D), math.nan, dtype=torch.float64)
     done_groups: list[int] = []
+    stop: dict[str, Any] | None = None
+    seconds_before = 0.0  # sampling time of the processes before a resume
     resume_group: dict[str, Any] | None = None
     saved: dict[str, Tensor] = {}
     config_dict = cfg.to_dict()
@@ -167,8 +171,14 @@ def run_chains(
                 token_train, token_query = saved["token_train"], saved["token_query"]
             done_groups = meta["done_groups"]
             resume_group = meta.get("active")
+            stop = meta.get("stop")
+            seconds_before = float(meta.get("seconds", 0.0))
             log.info("resuming from %s: %d chain group(s) done", run_dir, len(done_groups))
     resumed = bool(saved)
+    started = time.monotonic()
+
+    def elapsed() -> float:
+        return seconds_before + time.monotonic() - started
 
     def save(active: dict[str, Any] | None, extra: dict[str, Tensor]) -> None:
         if run_dir is None:
@@ -186,6 +196,8 @@ def run_chains(
             "identity": identity,
             "done_groups": done_groups,
             "active": active,
+            "stop": stop,
+            "seconds": elapsed(),
         }
         checkpoint.save(run_dir, tensors, meta)
 
@@ -278,6 +290,12 @@ def run_chains(
                 token_query[chains, d] = b_tok.to("cpu", torch.float32)
             if d % 10 == 0:
                 bar.set_postfix(loss=f"{float(a.mean()):.4g}")
+            if cfg.adaptive and ((d + 1) % cfg.check_every == 0 or d + 1 == D):
+                stop = _adaptive_stop(
+                    moments, blocks, draw_loss, query_trace, d + 1, cfg, elapsed()
+                )
+                if stop is not None:
+                    break
             if run_dir is not None and (
                 (d + 1) % checkpoint_every == 0 or time.monotonic() - last_save > 60
             ):
@@ -286,6 +304,14 @@ def run_chains(
         done_groups.append(gi)
         save(None, {})
     bar.close()
+    if cfg.adaptive:
+        assert stop is not None
+        used = stop["draws"]
+        draw_loss, query_trace = draw_loss[:, :used], query_trace[:, :used]
+        energy_trace, train_trace = energy_trace[:, :used], train_trace[:, :used]
+        step_loss = step_loss[:, : cfg.num_burnin + used * cfg.thin]
+        if token_train is not None and token_query is not None:
+            token_train, token_query = token_train[:, :used], token_query[:, :used]
     traces = None
     if token_train is not None and token_query is not None:
         traces = TokenTraces(
@@ -293,8 +319,33 @@ def run_chains(
         )
     return RunOutput(
         moments, draw_loss, step_loss, query_trace, resumed, traces, energy_trace, blocks,
-        train_trace, train_index,
+        train_trace, train_index, stop,
     )  # fmt: skip
+
+
+def _adaptive_stop(
+    moments: Moments,
+    blocks: Blocks | None,
+    draw_loss: Tensor,
+    query_trace: Tensor,
+    draws: int,
+    cfg: BIFConfig,
+    seconds: float,
+) -> dict[str, Any] | None:
+    """``num_draws='auto'``: the stop record if the targets or the budget end the run here."""
+    status = stopping.check(moments, blocks, draw_loss[:, :draws], query_trace[:, :draws], cfg)
+    if status["met"]:
+        reason = "targets_met"
+    elif draws >= cfg.max_draws:
+        reason = "max_draws"
+    elif cfg.max_seconds is not None and seconds >= cfg.max_seconds:
+        reason = "max_seconds"
+    else:
+        log.info("num_draws='auto': %d draws, not yet: %s", draws, status)
+        return None
+    stop = {"reason": reason, "draws": draws, "seconds": seconds, "status": status}
+    log.info("num_draws='auto': %s", stopping.describe(stop, cfg))
+    return stop
 
 
 # Memory the batch-means blocks may take ([C, K, Q, N] float64); fewer slots beyond it.
