@@ -74,14 +74,19 @@ class BIFAttributor:
     def diagnostics(self) -> dict[str, Any]:
         """The last run's draw-loss trace (mean training loss at each draw, averaged over
         chains, in 10 equal blocks of draws) and its value at w*: a plateau means burn-in was
-        long enough."""
+        long enough; the draws taken, the diagnostics' verdict and, for ``num_draws='auto'``,
+        why the run stopped."""
         if self.result is None:
             return {}
         trace = self.result.draw_loss.double().mean(0)  # [D]
         blocks = [float(b.mean()) for b in trace.chunk(min(10, trace.numel()))]
+        r = self.result
         return {
             "draw_loss_blocks": blocks,
-            "train_loss_star": float(self.result.train_loss_star.double().mean()),
+            "train_loss_star": float(r.train_loss_star.double().mean()),
+            "num_draws": int(r.config.num_draws),
+            "verdict": r.diagnostics.verdict if r.diagnostics is not None else None,
+            "adaptive": r.meta.get("adaptive"),
         }
 
     def self_influence(self, ctx: AttributionContext) -> Tensor:

@@ -34,12 +34,19 @@ def lds_chart(rows: Sequence[Any], title: str, path: Path) -> None:
 def sweep_chart(points: Sequence[Any], title: str, path: Path) -> None:
     """BIF's LDS against compute (chains × draws), one line per number of chains."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for chains in sorted({p.num_chains for p in points}):
-        pts = sorted((p for p in points if p.num_chains == chains), key=lambda p: p.num_draws)
+    grid = [p for p in points if not getattr(p, "adaptive", False)]
+    for chains in sorted({p.num_chains for p in grid}):
+        pts = sorted((p for p in grid if p.num_chains == chains), key=lambda p: p.num_draws)
         x = [p.num_chains * p.num_draws for p in pts]
         ax.errorbar(x, [p.lds for p in pts],
                     yerr=[[p.lds - p.ci_low for p in pts], [p.ci_high - p.lds for p in pts]],
                     marker="o", capsize=3, label=f"{chains} chains")  # fmt: skip
+    for p in points:
+        if getattr(p, "adaptive", False):
+            ax.errorbar([p.num_chains * p.num_draws], [p.lds],
+                        yerr=[[p.lds - p.ci_low], [p.ci_high - p.lds]], marker="*",
+                        markersize=14, color="black", capsize=3,
+                        label=f"num_draws='auto' ({p.num_chains}×{p.num_draws})")  # fmt: skip
     ax.set_xscale("log")
     # Plain numbers at the measured totals; matplotlib's minor log labels collide here.
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter

@@ -23,6 +23,7 @@ from bif import __version__
 from bif.baselines.base import AttributionContext, Attributor
 from bif.bench.memory import measured
 from bif.bench.settings import Setting, load_setting
+from bif.config import BIFConfig
 from bif.errors import ConfigError
 from bif.eval.metrics import lds
 from bif.eval.retrain import load_ground_truth, train_reference
@@ -280,6 +281,8 @@ class SweepPoint:
     ci_low: float
     ci_high: float
     seconds: float
+    adaptive: bool = False  # num_draws='auto' (num_draws: the draws it took)
+    stop: str = ""  # adaptive: why it stopped
 
 
 def run_sweep(
@@ -289,9 +292,11 @@ def run_sweep(
     out_dir: str | Path = "bif-bench",
     n_boot: int = 1000,
     on_point: Callable[[SweepPoint], None] | None = None,
+    adaptive: bool = True,
     **bif_options: Any,
 ) -> list[SweepPoint]:
-    """BIF's LDS on a grid of chains × draws (all else at the defaults) to show where it saturates.
+    """BIF's LDS on a grid of chains × draws (all else at the defaults) to show where it saturates,
+    and (``adaptive``) the point where a ``num_draws='auto'`` run stops by itself.
 
     Writes ``out_dir/<setting>-sweep.json`` and ``.png``.
     """
@@ -311,6 +316,19 @@ def run_sweep(
             points.append(p)
             if on_point is not None:
                 on_point(p)
+    if adaptive:
+        # The adaptive run at the default chains: where it stops on the same axes.
+        opts = {**bif_options, "num_draws": "auto"}
+        row = run_method("bif", ctx, gt.masks, gt.mean_targets(), opts, n_boot)
+        if row.error:
+            raise ConfigError(row.error)
+        stop = row.diagnostics.get("adaptive") or {}
+        c = int(opts.get("num_chains", BIFConfig().num_chains))
+        p = SweepPoint(c, int(row.diagnostics["num_draws"]), row.lds, row.ci_low, row.ci_high,
+                       row.seconds, True, str(stop.get("reason", "")))  # fmt: skip
+        points.append(p)
+        if on_point is not None:
+            on_point(p)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"setting": setting_name, "options": bif_options, "points": [asdict(p) for p in points]}
