@@ -297,3 +297,35 @@ def test_adaptive_budget_ends_the_run(problem) -> None:
 def test_adaptive_needs_vmapped_chains() -> None:
     with pytest.raises(bif.ConfigError, match="vmap_chains"):
         bif.BIFConfig(num_draws="auto", vmap_chains=False)
+
+
+def test_sgld_era_step_on_logistic_regression_fails_and_automatic_is_ok() -> None:
+    """The issue's case: L2 logistic regression on breast cancer, nβ = 1e4, γ = 100. With
+    step_size=2e-4 the kinetic chains barely move (scores at 7% of their size, silently, before
+    the diagnostics); the automatic step gives the right answer and an "ok"."""
+    from sklearn.datasets import load_breast_cancer
+
+    xs, ys = load_breast_cancer(return_X_y=True)
+    x = torch.tensor((xs - xs.mean(0)) / xs.std(0), dtype=torch.float32)
+    y = torch.tensor(ys)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(30, 2)
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        reg = sum((p**2).sum() for p in model.parameters())
+        loss = torch.nn.functional.cross_entropy(model(x[:400]), y[:400]) + 0.005 * reg
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    data = ((x[:400], y[:400]), (x[400:420], y[400:420]))
+    kw = dict(nbeta=1e4, gamma=100.0, progress=False)
+    with pytest.warns(DiagnosticWarning, match="verdict 'fail'"):
+        slow = bif.attribute(model, *data, step_size=2e-4, **kw)
+    assert {"ess", "rhat"} <= _checks(slow)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagnosticWarning)
+        auto = bif.attribute(model, *data, **kw)
+    assert auto.diagnostics.verdict == "ok"

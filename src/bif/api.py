@@ -189,7 +189,7 @@ def attribute(
         token_sample = tt[..., pick]
     diag = diagnose(
         out.draw_loss, out.query_trace, est.scores.cpu(),
-        est.mcse.cpu() if est.mcse is not None else est.stderr.cpu(),
+        est.stderr.cpu(),
         out.train_trace, token_sample, out.energy, fmodel.num_params,
     )  # fmt: skip
     warn_if_not_ok(diag)

@@ -13,9 +13,13 @@ training-loss traces ``[C, D, S]`` and (for language models) a sample of token t
   sliding (a burn-in too short, a checkpoint that is not a minimum) has one sign in every chain
   and explains most of the variance. The test statistic is Geweke's: the first 10% of each
   chain against its last 50%, each mean's error from its own ESS, pooled over chains.
-- **Monte-Carlo error of the scores**: the batch-means error (:mod:`bif.mcse`) of each query's
-  top-k scores relative to their size. A query whose top scores are not resolved (relative
-  error > :data:`MAX_RELATIVE_MCSE`) is listed.
+- **Energy** ``U(w) - U(w*)`` of the draws, which sits near ``P/2`` at equilibrium for a locally
+  quadratic posterior: a mean below 0 means the chains settled below the checkpoint (not a local
+  posterior); a spike far above the chain's median marks a sampler near its stability limit.
+- **Error of the scores**: the reported standard error of each query's top-k scores relative to
+  their size. A query whose top scores are not resolved (relative error >
+  :data:`MAX_RELATIVE_MCSE`) is listed; the verdict warns when the median query is beyond
+  :data:`MEDIAN_MCSE_WARN`.
 
 The verdict is ``"fail"`` if any check fails, else ``"warn"`` if any warns, else ``"ok"``; every
 reason carries the fix it suggests. Thresholds are module constants; the false-alarm rate of the
@@ -245,7 +249,7 @@ def diagnose(
     draw_loss: Tensor,
     query_trace: Tensor,
     scores: Tensor,
-    mcse: Tensor | None,
+    stderr: Tensor | None,
     train_trace: Tensor | None = None,
     token_trace: Tensor | None = None,
     energy: Tensor | None = None,
@@ -257,7 +261,7 @@ def diagnose(
         draw_loss: ``[C, D]`` mean training loss at each draw.
         query_trace: ``[C, D, Q]`` the query observables at each draw.
         scores: ``[Q, N]`` the BIF.
-        mcse: ``[Q, N]`` batch-means error of the scores (``None``: across-chain ``stderr``).
+        stderr: ``[Q, N]`` the reported standard error of the scores (``None``: no error check).
         train_trace: ``[C, D, S]`` sampled training-loss traces.
         token_trace: ``[C, D, K]`` sampled per-token loss traces (language models).
         energy: ``[C, D]`` U(w) - U(w*) at each draw; ``num_params``: P.
@@ -347,8 +351,8 @@ def diagnose(
         ))  # fmt: skip
 
     unresolved: list[int] = []
-    if mcse is not None:
-        rel = relative_mcse(scores.double(), mcse.double())
+    if stderr is not None:
+        rel = relative_mcse(scores.double(), stderr.double())
         per_query["relative_mcse"] = rel.tolist()
         unresolved = [int(q) for q in np.nonzero(~(rel <= MAX_RELATIVE_MCSE))[0]]
         med = float(np.median(np.where(np.isfinite(rel), rel, np.inf))) if rel.size else 0.0
