@@ -88,3 +88,17 @@ def test_run_bench_writes_json_and_png(tmp_path) -> None:
     assert doc["meta"]["num_subsets"] >= 100 and doc["meta"]["num_seeds"] >= 3
     assert doc["rows"][0]["lds"] == pytest.approx(rows[0].lds)
     assert (tmp_path / "digits.png").stat().st_size > 1000
+
+
+def test_sweep_adds_the_adaptive_point(tmp_path) -> None:
+    from bif.bench.runner import run_sweep
+
+    points = run_sweep("digits", (2,), (20,), tmp_path, n_boot=50, num_burnin=20,
+                       check_every=20, max_draws=40)  # fmt: skip
+    grid, auto = points[0], points[-1]
+    assert not grid.adaptive and (grid.num_chains, grid.num_draws) == (2, 20)
+    assert auto.adaptive and auto.num_chains == 8 and auto.num_draws in (20, 40)
+    assert auto.stop in ("targets_met", "max_draws")
+    doc = json.loads((tmp_path / "digits-sweep.json").read_text())
+    assert doc["points"][-1]["adaptive"] is True
+    assert (tmp_path / "digits-sweep.png").stat().st_size > 1000
