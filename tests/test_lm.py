@@ -182,6 +182,9 @@ def test_vmap_matches_loop_and_resume(run, tmp_path, monkeypatch) -> None:
 def test_save_load_and_top_tokens(run, tmp_path) -> None:
     back = bif.BIFResult.load(run.save(tmp_path / "r"))
     assert back.tokens is not None and torch.equal(back.tokens.train, run.tokens.train)
+    # The diagnostics follow a sample of the token traces too, and survive the save.
+    assert run.diagnostics is not None and "tokens" in run.diagnostics.summary
+    assert back.diagnostics.to_dict() == run.diagnostics.to_dict()
     top = run.tokens.top_train_tokens(0, position=4, k=3)
     block = run.tokens.token_scores(query_tokens=run.tokens._column_at("query", 0, 4).view(1))
     assert top and top[0].score == pytest.approx(float(block.min()))
