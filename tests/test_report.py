@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from bif import BIFConfig, BIFResult
+from bif.diagnostics import Reason, diagnose
 from bif.report import ExampleView, render_report
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -73,6 +75,58 @@ def test_render_without_views_and_without_stderr() -> None:
     assert "z n/a (1 chain)" in html and '<figure class="plot" data-plot="chains"' not in html
 
 
+def _diagnosed(verdict: str, unresolved: list[int]) -> BIFResult:
+    """:func:`_result` with 40 draws of noise and diagnostics given ``verdict`` by hand, saved
+    and reloaded (NaN as JSON null) as a page would see them."""
+    r = _result()
+    g = torch.Generator().manual_seed(2)
+    r.draw_loss = torch.randn(2, 40, generator=g, dtype=torch.float64)
+    r.query_trace = torch.randn(2, 40, 2, generator=g, dtype=torch.float64)
+    diag = diagnose(r.draw_loss, r.query_trace, r.scores, 0.01 * r.scores.abs() + 1e-3)
+    reasons = [Reason("warn", "drift", "the loss <drifts>", "raise num_burnin & wait")]
+    reasons = [] if verdict == "ok" else reasons
+    r.diagnostics = dataclasses.replace(diag, verdict=verdict, reasons=reasons,
+                                        unresolved=unresolved)  # fmt: skip
+    r.diagnostics = type(diag).from_dict(r.diagnostics.to_dict())
+    return r
+
+
+def test_render_verdict_banner_tables_and_badges() -> None:
+    result = _diagnosed("warn", [1])
+    html = render_report(result)
+    rel = result.diagnostics.query["relative_mcse"][1]
+    assert html.index('<div class="verdict verdict-warn" data-verdict="warn"') < html.index(
+        'class="explainer"'
+    )  # at the top, before the explainer and the queries
+    assert 'data-check="drift"' in html and "the loss &lt;drifts&gt;" in html
+    assert "raise num_burnin &amp; wait" in html and "<drifts>" not in html
+    q0 = html.split('data-query="0"')[1].split('data-query="1"')[0]
+    q1 = html.split('<article class="query" id="query-1"')[1].split("</article>")[0]
+    assert 'data-unresolved="false"' in q0 and 'class="badge unresolved"' not in q0
+    assert 'data-unresolved="true"' in q1 and 'class="badge unresolved" title="unresolved:' in q1
+    assert f"top-5 scores is {100 * rel:.0f}% of their size, above 10%" in q1
+    assert html.count('<table class="diagnostics-table"') == 2
+    groups = re.findall(r'<tr data-group="(\w+)">', html)
+    assert groups == ["draw_loss", "query"]
+    rows = re.findall(r'<tr data-query="(\d)" data-unresolved="(\w+)"', html)
+    assert rows == [("0", "false"), ("1", "true")]
+    assert re.findall(r'figure class="plot trace-plot" data-plot="([\w-]+)"', html) == [
+        "draw-loss-chains", "query-traces",
+    ]  # fmt: skip
+    # ok: green and short (no findings list).
+    ok = render_report(_diagnosed("ok", []))
+    banner = ok.split('<div class="verdict verdict-ok" data-verdict="ok"')[1].split("</div>")[0]
+    assert "Diagnostics: ok" in banner and "<ul" not in banner
+    assert 'class="badge unresolved"' not in ok
+
+
+def test_render_without_diagnostics_is_neutral() -> None:
+    html = render_report(_result())
+    assert 'data-verdict="none"' in html and "No chain diagnostics recorded" in html
+    assert '<table class="diagnostics-table"' not in html and 'class="plot trace-plot"' not in html
+    assert "bif diagnose RESULT_DIR" in html and 'class="badge' not in html
+
+
 def _launch(playwright):
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is missing: apt-get install chromium (or `make browser`)")
@@ -114,6 +168,28 @@ def test_demo_report_in_browser(demo_run, tmp_path) -> None:
                 "figure.train-example.self-influence", "els => els.map(e => +e.dataset.index)"
             )
             plots = page.eval_on_selector_all("figure.plot", "els => els.map(e => e.dataset.plot)")
+            banner = page.locator("div.verdict")
+            verdict = (banner.get_attribute("data-verdict"), banner.is_visible(),
+                       banner.inner_text(), banner.bounding_box()["y"])  # fmt: skip
+            first_query_y = page.locator("article.query").first.bounding_box()["y"]
+            traces = page.eval_on_selector_all(
+                "figure.plot.trace-plot",
+                "els => els.map(f => [f.dataset.plot, f.querySelector('img').naturalWidth,"
+                " f.checkVisibility()])",
+            )
+            groups = page.eval_on_selector_all(
+                "table.diagnostics-table[data-table=groups] tbody tr",
+                "els => els.map(r => [r.dataset.group, r.cells.length])",
+            )
+            per_query = page.eval_on_selector_all(
+                "table.diagnostics-table[data-table=queries] tbody tr",
+                "els => els.map(r => [+r.dataset.query, r.dataset.unresolved,"
+                " [...r.cells].map(c => c.innerText)])",
+            )
+            badges = page.eval_on_selector_all(
+                "article.query .badge.unresolved",
+                "els => els.map(b => +b.closest('article').dataset.query)",
+            )
         finally:
             browser.close()
 
@@ -135,4 +211,21 @@ def test_demo_report_in_browser(demo_run, tmp_path) -> None:
                 assert s["stderr"] == pytest.approx(float(result.stderr[q, s["index"]]), rel=1e-12)
                 assert s["text"] == f"{s['score']:+.3g} ± {s['stderr']:.2g}"
     assert si == result.self_influence.argsort()[:k].tolist()
-    assert plots == ["step-loss", "draw-loss", "chains"]
+    assert plots == ["draw-loss-chains", "query-traces", "step-loss", "draw-loss", "chains"]
+    # Chain diagnostics: the verdict at the top, per-chain traces, the R-hat/ESS tables.
+    diag = result.diagnostics
+    assert diag is not None
+    assert verdict[0] == diag.verdict and verdict[1] and verdict[3] < first_query_y
+    assert f"Diagnostics: {diag.verdict}" in verdict[2]
+    for r in diag.reasons:
+        assert r.message in verdict[2] and r.fix in verdict[2]
+    assert [t[0] for t in traces] == ["draw-loss-chains", "query-traces"]
+    assert all(width > 0 and shown for _, width, shown in traces), traces
+    assert groups[0][0] == "draw_loss" and sorted(groups) == sorted([n, 7] for n in diag.summary)
+    assert [r[0] for r in per_query] == list(range(result.num_queries))
+    for q, unresolved, cells in per_query:
+        assert unresolved == str(q in diag.unresolved).lower()
+        assert cells[1] == f"{diag.query['rhat'][q]:.3f}"
+        assert cells[3] == f"{100 * diag.query['relative_mcse'][q]:.1f}"
+        assert cells[4] == ("unresolved" if q in diag.unresolved else "resolved")
+    assert badges == sorted(diag.unresolved)

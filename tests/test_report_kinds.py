@@ -2,14 +2,19 @@
 
 Kinds: a classifier on feature vectors (no image, no text: cards with stats only), the digits
 demo (images), a causal LM with its token text (lm.json) and one without it (tokens shown by
-position, with instructions on the page). Every page goes through the real CLI
-(`bif.cli.main(["report", DIR])`); results come from tiny models in a few seconds.
+position, with instructions on the page). Every page shows the chain diagnostics: the verdict
+banner, per-chain trace plots, the R-hat/ESS tables and badges on unresolved queries (checked
+with hand-made failing and warning verdicts too, and for results saved without diagnostics).
+Every page goes through the real CLI (`bif.cli.main(["report", DIR])`); results come from tiny
+models in a few seconds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,7 @@ from torch import nn
 
 import bif
 from bif.cli import main
+from bif.diagnostics import Reason
 from bif.lm import CausalLMTask, encode
 from bif.lm.report import load_token_text, save_lm_text
 from bif.report.cards import score_text
@@ -190,11 +196,53 @@ def _check_tables(page: Any) -> None:
             assert len(number.replace(".", "").lstrip("0")) <= 4, text
 
 
-def _check_plots(page: Any, chains: int) -> None:
+def _check_plots(page: Any, chains: int, diagnosed: bool = True) -> None:
     plots = page.eval_on_selector_all("figure.plot", PLOTS_JS)
-    expected = ["step-loss", "draw-loss"] + (["chains"] if chains > 1 else [])
+    expected = ["draw-loss-chains", "query-traces"] if diagnosed else []
+    expected += ["step-loss", "draw-loss"] + (["chains"] if chains > 1 else [])
     assert [p[0] for p in plots] == expected
     assert all(width > 0 and shown > 300 for _, width, shown in plots), plots
+    traces = page.eval_on_selector_all("figure.plot.trace-plot", PLOTS_JS)
+    assert [p[0] for p in traces] == expected[:2] if diagnosed else traces == []
+
+
+BANNER_JS = """b => ({verdict: b.dataset.verdict, text: b.innerText, y: b.getBoundingClientRect().y,
+    visible: b.checkVisibility(), bg: getComputedStyle(b).backgroundColor,
+    reasons: [...b.querySelectorAll('li.reason')].map(r => [r.dataset.level, r.dataset.check,
+        r.querySelector('.fix').innerText])})"""
+BADGES_JS = """els => els.map(b => ({q: +b.closest('article').dataset.query, title: b.title,
+    flag: b.closest('article').dataset.unresolved, visible: b.checkVisibility()}))"""
+ROWS_JS = "els => els.map(r => [r.dataset.group || +r.dataset.query, r.dataset.unresolved])"
+
+
+def _check_diagnostics(page: Any, result: bif.BIFResult) -> dict:
+    """The verdict banner above the queries, with every finding and its fix; the R-hat/ESS
+    tables (a row per trace group and per query); the unresolved queries badged."""
+    diag = result.diagnostics
+    banner = page.eval_on_selector("div.verdict", BANNER_JS)
+    first = page.eval_on_selector("article", "a => a.getBoundingClientRect().y")
+    assert banner["visible"] and banner["y"] < first
+    if diag is None:
+        assert banner["verdict"] == "none" and "bif diagnose" in banner["text"]
+        assert page.locator("table.diagnostics-table").count() == 0
+        assert page.locator(".badge.unresolved").count() == 0
+        return banner
+    assert banner["verdict"] == diag.verdict and f"Diagnostics: {diag.verdict}" in banner["text"]
+    assert banner["reasons"] == [[r.level, r.check, f"Fix: {r.fix}"] for r in diag.reasons]
+    for r in diag.reasons:
+        assert r.message in banner["text"]
+    groups = page.eval_on_selector_all("table.diagnostics-table[data-table=groups] tbody tr",
+                                       ROWS_JS)  # fmt: skip
+    assert groups[0][0] == "draw_loss" and sorted(g[0] for g in groups) == sorted(diag.summary)
+    rows = page.eval_on_selector_all("table.diagnostics-table[data-table=queries] tbody tr",
+                                     ROWS_JS)  # fmt: skip
+    assert rows == [[q, str(q in diag.unresolved).lower()] for q in range(result.num_queries)]
+    badges = page.eval_on_selector_all("article .badge.unresolved", BADGES_JS)
+    assert [b["q"] for b in badges] == sorted(diag.unresolved)
+    for b in badges:
+        assert b["visible"] and b["flag"] == "true"
+        assert "Monte-Carlo error" in b["title"] and "top-5 scores" in b["title"]
+    return banner
 
 
 @pytest.mark.browser
@@ -214,6 +262,7 @@ def test_tabular_result_page(tabular_dir, page_of, tmp_path) -> None:
         assert heads[0].endswith("lowers this query's margin") and "loss" not in " ".join(heads)
     assert page.get_attribute("main", "data-observable") == "margin"
     _check_plots(page, result.config.num_chains)
+    _check_diagnostics(page, result)
     _check_tables(page)
     row = "table.meta tr[data-key='preconditioner.{}'] td.value"
     assert page.inner_text(row.format("condition_unpreconditioned")) == "501"
@@ -235,6 +284,7 @@ def test_image_demo_page(demo_run, page_of, tmp_path) -> None:
     )
     assert len(imgs) == len(cards) and all(w == 80 for w in imgs)
     _check_plots(page, result.config.num_chains)
+    _check_diagnostics(page, result)
     _check_tables(page)
 
 
@@ -284,6 +334,7 @@ def test_lm_page_with_token_text(lm_result, page_of, tmp_path) -> None:
     assert page.title() == "tiny LM <report>" and page.locator(".notice").count() == 0
     assert "a note & more" in page.inner_text("header .summary")
     _check_plots(page, result.config.num_chains)
+    _check_diagnostics(page, result)
     _check_tables(page)
 
 
@@ -307,7 +358,66 @@ def test_lm_page_without_token_text(lm_result, page_of, tmp_path, capsys) -> Non
     text = notice.inner_text()
     assert "save_lm_text(" in text and str(lm_result["without_text"]) in text
     _check_plots(page, result.config.num_chains)
+    _check_diagnostics(page, result)
     _check_tables(page)
+
+
+def _resave(src: Path, dst: Path, diagnostics: Any) -> bif.BIFResult:
+    """The saved result at ``src`` with other diagnostics (None: as an older bif saved it),
+    saved at ``dst`` with its lm.json."""
+    result = bif.BIFResult.load(src)
+    result.diagnostics = diagnostics
+    result.save(dst)
+    if (src / "lm.json").exists():
+        shutil.copy(src / "lm.json", dst / "lm.json")
+    return bif.BIFResult.load(dst)
+
+
+@pytest.mark.browser
+def test_pages_mark_findings_and_unresolved_queries(tabular_dir, lm_result, page_of,
+                                                     tmp_path) -> None:  # fmt: skip
+    """A failing tabular run and a warning LM run: red and amber banners listing each finding
+    and its fix, and the unresolved queries badged where their scores are shown."""
+    base = bif.BIFResult.load(tabular_dir).diagnostics
+    assert base is not None
+    fail = dataclasses.replace(base, verdict="fail", unresolved=[0], reasons=[
+        Reason("fail", "rhat", "R-hat 1.4 on the query traces", "raise num_burnin"),
+        Reason("warn", "drift", "the draw loss drifts <upward>", "keep center_gradient=True"),
+    ])  # fmt: skip
+    result = _resave(tabular_dir, tmp_path / "fail", fail)
+    page = page_of(_report(tmp_path / "fail", tmp_path / "fail.html"), tmp_path / "fail.png")
+    banner = _check_diagnostics(page, result)
+    rgb = [float(v) for v in re.findall(r"[\d.]+", banner["bg"])[:3]]
+    assert rgb[0] > rgb[1] and rgb[0] > rgb[2]  # reddish
+    assert "the draw loss drifts <upward>" in banner["text"]  # escaped, shown as text
+    badge = page.locator("article.query[data-query='0'] .query-card .badge.unresolved")
+    assert badge.is_visible() and badge.inner_text() == "unresolved"
+    assert page.locator("article.query[data-query='1'] .badge").count() == 0
+
+    lm = lm_result["result"].diagnostics
+    assert lm is not None
+    warn = dataclasses.replace(lm, verdict="warn", unresolved=[1], reasons=[
+        Reason("warn", "ess", "bulk ESS of the draw loss 40", "take more draws"),
+    ])  # fmt: skip
+    result = _resave(lm_result["with_text"], tmp_path / "warn", warn)
+    page = page_of(_report(tmp_path / "warn", tmp_path / "warn.html"), tmp_path / "warn.png")
+    banner = _check_diagnostics(page, result)
+    rgb = [float(v) for v in re.findall(r"[\d.]+", banner["bg"])[:3]]
+    assert rgb[0] > rgb[2] and rgb[1] > rgb[2]  # amber
+    assert page.locator("article.token-query[data-query='1'] h3 .badge.unresolved").is_visible()
+
+
+@pytest.mark.browser
+def test_pages_of_results_saved_without_diagnostics(tabular_dir, lm_result, page_of,
+                                                    tmp_path) -> None:  # fmt: skip
+    """Results of an older bif: a neutral line instead of a verdict, no tables, no badges."""
+    for name, src in (("tab", tabular_dir), ("lm", lm_result["with_text"])):
+        result = _resave(src, tmp_path / name, None)
+        page = page_of(_report(tmp_path / name, tmp_path / f"{name}.html"))
+        banner = _check_diagnostics(page, result)
+        rgb = [float(v) for v in re.findall(r"[\d.]+", banner["bg"])[:3]]
+        assert rgb == [255.0, 255.0, 255.0]  # neutral
+        _check_plots(page, result.config.num_chains, diagnosed=False)
 
 
 def test_save_lm_text_round_trip(lm_result) -> None:

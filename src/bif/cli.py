@@ -1,4 +1,5 @@
-"""The ``bif`` command line: ``bif demo``, ``bif show``, ``bif report``, ``bif bench``.
+"""The ``bif`` command line: ``bif demo``, ``bif show``, ``bif report``, ``bif diagnose``,
+``bif bench``.
 
 Hyperparameter flags (``--num-chains``, ``--step-size``, ...) are generated from the fields of
 :class:`bif.config.BIFConfig` and their ``help`` metadata, so the CLI, the config and
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import math
 import os
 import sys
 import time
@@ -142,10 +145,76 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=None, help="default: RESULT_DIR/report.html")
     report.add_argument("-k", type=int, default=5, help="proponents/opponents per query")
 
+    diagnose = sub.add_parser(
+        "diagnose",
+        help="print the chain diagnostics of a saved result (R-hat, ESS, drift, Monte-Carlo "
+        "error) and exit with its verdict",
+        description="Print the chain diagnostics recorded with a saved result: the verdict "
+        "(ok, warn or fail) with every finding and its fix, R-hat and bulk/tail ESS per trace "
+        "group, the drift of the draw loss, the unresolved queries and how the standard errors "
+        "were computed. A result saved without diagnostics (an older bif) is diagnosed from "
+        "its saved traces.",
+        epilog=f"exit status: {_EXIT['ok']} ok, {_EXIT['warn']} warn, {_EXIT['fail']} fail. Like "
+        "every bif command, a user error (no saved result at RESULT_DIR, a damaged one) prints "
+        "one line starting with 'error:' on stderr and exits 2; only then is stdout empty.",
+    )
+    diagnose.add_argument("result_dir", type=Path, help="directory written by BIFResult.save")
+    diagnose.add_argument("--json", action="store_true",
+                          help="print the diagnostics as JSON instead of text")  # fmt: skip
+
     from bif.bench.cli import add_bench_parser
 
     add_bench_parser(sub, add_config_flags)
     return parser
+
+
+# Exit status of `bif diagnose` by verdict (an unknown verdict counts as fail).
+_EXIT = {"ok": 0, "warn": 2, "fail": 3}
+
+
+def unresolved_note(result: BIFResult, q: int) -> str:
+    """``"  [unresolved: ...]"`` when query ``q``'s top scores are not resolved, else ``""``."""
+    from bif.report.verdict import is_unresolved, relative_mcse_of, restore_nan, threshold
+
+    diag = restore_nan(result.diagnostics)
+    if not is_unresolved(diag, q):
+        return ""
+    rel = relative_mcse_of(diag, q)
+    size = f"{100 * rel:.0f}%" if math.isfinite(rel) else "unknown"
+    limit = 100 * threshold(diag, "max_relative_mcse")
+    k = int(threshold(diag, "top_k"))
+    return f"  [unresolved: top-{k} Monte-Carlo error {size} of the scores > {limit:.0f}%]"
+
+
+def verdict_lines(result: BIFResult, result_dir: Path | str) -> list[str]:
+    """The verdict in one line (and every finding with its fix when it is not ok)."""
+    from bif.report.verdict import restore_nan
+
+    diag = restore_nan(result.diagnostics)
+    if diag is None:
+        return [
+            f"diagnostics: none recorded with this result (bif diagnose {result_dir} computes "
+            "them from its saved traces)"
+        ]
+    more = f"(details: bif diagnose {result_dir})"
+    if diag.verdict == "ok":
+        rhats = [float(r.get("rhat_max", math.nan)) for r in diag.summary.values()]
+        rhat = max((r for r in rhats if math.isfinite(r)), default=math.nan)
+        ess = float(diag.summary.get("draw_loss", {}).get("ess_bulk_min", math.nan))
+        lines = [
+            f"diagnostics: ok (max R-hat {rhat:.3f}, bulk ESS of the draw loss {ess:.0f}) {more}"
+        ]
+    else:
+        n = len(diag.reasons)
+        lines = [f"diagnostics: {diag.verdict.upper()}, {n} finding{'s' * (n != 1)} {more}"]
+        for r in diag.reasons:
+            lines.append(f"  [{r.level}] {r.check}: {r.message}")
+            lines.append(f"         fix: {r.fix}")
+    if diag.unresolved:
+        shown = ", ".join(map(str, diag.unresolved[:20]))
+        extra = f" and {len(diag.unresolved) - 20} more" if len(diag.unresolved) > 20 else ""
+        lines.append(f"  unresolved queries: {shown}{extra}")
+    return lines
 
 
 def _labels(info: dict[str, Any] | None) -> tuple[list[int] | None, list[str]]:
@@ -171,7 +240,7 @@ def format_query(
     top = result.top(q, k)
     phi = result.observable
     head = f"query {q}" + (f"  {title}" if title else "")
-    lines = [f"{head}  ({phi} at w* {float(result.query_star[q]):.4g})"]
+    lines = [f"{head}  ({phi} at w* {float(result.query_star[q]):.4g}){unresolved_note(result, q)}"]
 
     def row(x: Any) -> str:
         lab = f"  label {train_labels[x.index]}" if train_labels is not None else ""
@@ -235,6 +304,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"predicted {info.prediction} ({verdict})"
         )
         print("\n".join(format_query(r, q, args.k, out.train_labels, title)) + "\n")
+    print("\n".join(verdict_lines(r, out.result_dir)) + "\n")
     print(f"report: {out.report_path}")
     print(f"result: {out.result_dir}   (bif show {out.result_dir})")
     print(f"wall time: {time.perf_counter() - t0:.1f} s")
@@ -277,7 +347,7 @@ def _cmd_demo_lm(args: argparse.Namespace) -> int:
     assert tok is not None and text_of is not None
     for q, text in enumerate(out.query_texts):
         lines = text.splitlines()
-        print(f"query {q}: {lines[0]} {' / '.join(lines[1:])[:90]}")
+        print(f"query {q}: {lines[0]} {' / '.join(lines[1:])[:90]}{unresolved_note(r, q)}")
         for kind, sign in (("proponents", 1), ("opponents", -1)):
             order = [i for i in (sign * r.scores[q]).argsort()[:k].tolist()
                      if sign * float(r.scores[q, i]) < 0]  # fmt: skip
@@ -292,6 +362,7 @@ def _cmd_demo_lm(args: argparse.Namespace) -> int:
         ]
         print("  training tokens that most lower this speech's loss: " + ", ".join(words))
         print()
+    print("\n".join(verdict_lines(r, out.result_dir)) + "\n")
     print(f"report: {out.report_path}")
     print(f"result: {out.result_dir}   (bif report {out.result_dir})")
     print(f"wall time: {time.perf_counter() - t0:.1f} s")
@@ -317,7 +388,59 @@ def _cmd_show(args: argparse.Namespace) -> int:
     for q in qs:
         title = titles[q] if q < len(titles) else ""
         print("\n".join(format_query(result, q, args.k, train_labels, title)) + "\n")
+    print("\n".join(verdict_lines(result, args.result_dir)))
     return 0
+
+
+def diagnose_result(result: BIFResult) -> tuple[Any, bool]:
+    """The result's diagnostics, computed from its saved traces when it was saved without them
+    (an older bif); returns them and whether they were computed here."""
+    from bif.diagnostics import diagnose
+    from bif.errors import ArtifactError
+    from bif.report.verdict import restore_nan
+
+    if result.diagnostics is not None:
+        return restore_nan(result.diagnostics), False
+    if result.draw_loss.numel() == 0 or result.query_trace.numel() == 0:
+        raise ArtifactError(
+            "this result was saved without diagnostics and holds no draws to compute them from."
+        )
+    err = result.mcse if result.mcse is not None else result.stderr
+    if not bool(err.isfinite().any()):  # one chain and no batch-means error: no error at all
+        err = None
+    diag = diagnose(
+        result.draw_loss, result.query_trace, result.scores, err, result.train_trace, None,
+        result.energy, result.meta.get("num_params_sampled"),
+    )  # fmt: skip
+    return diag, True
+
+
+def _cmd_diagnose(args: argparse.Namespace) -> int:
+    result = BIFResult.load(args.result_dir)
+    diag, computed = diagnose_result(result)
+    code = _EXIT.get(diag.verdict, _EXIT["fail"])
+    if args.json:
+        print(json.dumps({**diag.to_dict(), "computed_now": computed, "exit_status": code}))
+        return code
+    c = result.config
+    method = result.meta.get("stderr_method") or "across-chain (not recorded: an older result)"
+    print(
+        f"{args.result_dir}: {result.num_train} training examples, {result.num_queries} "
+        f"queries, {c.num_chains} chains × {c.num_draws} draws"
+    )
+    if computed:
+        used = ["draw loss", "query traces"]
+        used += ["sampled training losses"] * (result.train_trace is not None)
+        used += ["energy"] * (result.energy is not None)
+        print(
+            "note: this result was saved without diagnostics (an older bif); computed them now "
+            f"from its saved {', '.join(used)}."
+        )
+    print(f"standard errors: {method}")
+    print(str(diag))
+    word = {"ok": "ok", "warn": "WARN: check the findings above before trusting the scores"}
+    print(f"=> {word.get(diag.verdict, 'FAIL: the scores are not reliable')} (exit status {code})")
+    return code
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -355,7 +478,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bif`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="bif: %(levelname)s: %(message)s")
-    commands = {"demo": _cmd_demo, "show": _cmd_show, "report": _cmd_report, "bench": _cmd_bench}
+    commands = {
+        "demo": _cmd_demo, "show": _cmd_show, "report": _cmd_report, "diagnose": _cmd_diagnose,
+        "bench": _cmd_bench,
+    }  # fmt: skip
     try:
         return commands[args.command](args)
     except BIFError as err:

@@ -118,8 +118,9 @@ def cmd_bench(args: argparse.Namespace, bif_options: dict[str, Any]) -> int:
 
         def show(p: Any) -> None:
             ci = f"[{p.ci_low:.3f}, {p.ci_high:.3f}]"
-            print(f"{p.num_chains:6d} {p.num_draws:6d} {p.lds:7.3f}  {ci:<17} {p.seconds:9.1f}",
-                  flush=True)  # fmt: skip
+            auto = f"  num_draws='auto' ({p.stop})" if p.adaptive else ""
+            print(f"{p.num_chains:6d} {p.num_draws:6d} {p.lds:7.3f}  {ci:<17} {p.seconds:9.1f}"
+                  f"{auto}", flush=True)  # fmt: skip
 
         run_sweep(args.setting, args.chains, args.draws, args.out, args.n_boot, show,
                   **bif_options)  # fmt: skip

@@ -153,8 +153,12 @@ def _legend(scale: float, what: str) -> str:
     )
 
 
-def query_article(q: TokenQueryView, phi: str = "loss") -> str:
-    """One query's article: its token heatmap, the colour switch, and its passages."""
+def query_article(q: TokenQueryView, phi: str = "loss", badge: str = "") -> str:
+    """One query's article: its token heatmap, the colour switch, and its passages.
+
+    ``badge``: HTML after the query's heading (the ``unresolved`` badge of
+    :mod:`bif.report.verdict`); the article then carries ``data-unresolved="true"``.
+    """
     if len(q.loss) != len(q.tokens):
         raise ValueError(f"query {q.index}: {len(q.tokens)} tokens but {len(q.loss)} losses")
     passages = [*q.proponents, *q.opponents]
@@ -194,8 +198,9 @@ def query_article(q: TokenQueryView, phi: str = "loss") -> str:
         )
     return (
         f'<article class="token-query" id="query-{q.index}" data-query="{q.index}" '
-        f'data-token-scale="{scales[0]!r}" data-query-scale="{scales[1]!r}">'
-        f"<h3>Query {q.index}{value}</h3>{control}{_legend(scales[1], 'query tokens')}"
+        f'data-token-scale="{scales[0]!r}" data-query-scale="{scales[1]!r}" '
+        f'data-unresolved="{str(bool(badge)).lower()}">'
+        f"<h3>Query {q.index}{value} {badge}</h3>{control}{_legend(scales[1], 'query tokens')}"
         f'<pre class="tokens query-tokens">{qspans}</pre>'
         f"{_legend(scales[0], 'training tokens')}{''.join(groups)}</article>"
     )

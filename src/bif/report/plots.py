@@ -158,3 +158,125 @@ def loss_trace_plots(result: BIFResult) -> dict[str, tuple[str, str]]:
             "stuck stands out against the grey chain mean.",
         )
     return out
+
+
+def chain_colours(num_chains: int) -> list[Any]:
+    """One colour per chain: tab10 up to 10 chains, tab20 up to 20, else a viridis ramp."""
+    from matplotlib import colormaps
+
+    if num_chains <= 10:
+        return [colormaps["tab10"](i) for i in range(num_chains)]
+    if num_chains <= 20:
+        return [colormaps["tab20"](i) for i in range(num_chains)]
+    return [colormaps["viridis"](i / (num_chains - 1)) for i in range(num_chains)]
+
+
+def moving_average(row: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average over ``window`` draws, NaN draws left out (NaN where none)."""
+    ok = np.isfinite(row)
+    kernel = np.ones(window)
+    total = np.convolve(np.where(ok, row, 0.0), kernel, mode="same")
+    count = np.convolve(ok.astype(np.float64), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan)
+
+
+SMOOTH_POINTS = 25  # the moving average spans 1/25 of the draws
+
+
+def _chain_lines(ax: Any, trace: np.ndarray, colours: list[Any], label: bool) -> bool:
+    """Every chain in its colour: each draw thin and faint, and (from 100 draws on) the
+    chain's moving average thick on top, so that a chain offset from the others stands out
+    from the tangle; returns whether the averages were drawn."""
+    x = np.arange(trace.shape[1])
+    window = trace.shape[1] // SMOOTH_POINTS
+    smooth = window >= 4
+    for i, row in enumerate(trace):
+        name = f"chain {i}" if label else None
+        if smooth:
+            ax.plot(x, row, color=colours[i], lw=0.5, alpha=0.3)
+            ax.plot(x, moving_average(row, window), color=colours[i], lw=1.4, label=name)
+        else:
+            ax.plot(x, row, color=colours[i], lw=0.9, alpha=0.85, label=name)
+    return smooth
+
+
+def trace_queries(result: BIFResult, count: int = 4) -> list[int]:
+    """The queries whose traces are drawn: the ``count`` with the largest R-hat (NaN last),
+    in index order; the first ones when there are no per-query diagnostics."""
+    q = result.num_queries
+    diag = result.diagnostics
+    rh = list((diag.query or {}).get("rhat") or []) if diag is not None else []
+    if len(rh) != q:
+        return list(range(min(q, count)))
+    key = [(-float(r) if r is not None and math.isfinite(float(r)) else math.inf) for r in rh]
+    return sorted(sorted(range(q), key=lambda i: key[i])[:count])
+
+
+def chain_trace_plots(result: BIFResult, count: int = 4) -> dict[str, tuple[str, str]]:
+    """Per-chain traces, one colour per chain (the same colours in every panel).
+
+    Returns:
+        ``{key: (data_uri, caption)}`` with ``"draw-loss-chains"`` (the draw loss of every
+        chain, ``result.draw_loss [C, D]``) and ``"query-traces"`` (up to ``count`` queries'
+        observables at each draw, ``result.query_trace [C, D, Q]``, those with the largest
+        R-hat when the result has diagnostics).
+    """
+    c = result.draw_loss.shape[0]
+    colours = chain_colours(c)
+    out: dict[str, tuple[str, str]] = {}
+    loss = result.draw_loss.detach().to(torch.float64).cpu().numpy()
+    fig = _figure(6.4, 3.2)
+    ax = fig.add_subplot()
+    ax.set_title("Draw loss of each chain", fontsize=10)
+    ax.set_xlabel("draw")
+    ax.set_ylabel("mean training loss")
+    ax.grid(alpha=0.3)
+    smooth = _chain_lines(ax, loss, colours, label=True)
+    _log_if_wide(ax, loss)
+    fig.legend(fontsize=7, loc="outside lower center", ncols=min(c, 8), frameon=False)
+    window = loss.shape[1] // SMOOTH_POINTS
+    how = (
+        f" (faint: every draw; solid: each chain's moving average over {window} draws)"
+        if smooth
+        else ""
+    )
+    out["draw-loss-chains"] = (
+        _figure_uri(fig),
+        f"The mean training loss at each draw, one colour per chain ({c} chains){how}. Chains "
+        "that agree overlap in one band; a chain offset from the others, stuck, or sliding in "
+        "one direction is what a large R-hat, a small ESS or a drift finding points at.",
+    )
+    queries = trace_queries(result, count)
+    if not queries:
+        return out
+    diag = result.diagnostics
+    rh = ((diag.query or {}).get("rhat") or []) if diag is not None else []
+    bad = set(diag.unresolved or []) if diag is not None else set()
+    qt = result.query_trace.detach().to(torch.float64).cpu().numpy()
+    cols = min(len(queries), 2)
+    rows = math.ceil(len(queries) / cols)
+    fig = _figure(8.0, 0.5 + 1.9 * rows)
+    axes = fig.subplots(rows, cols, sharex=True, squeeze=False)
+    for j, ax in enumerate(axes.flat):
+        if j >= len(queries):
+            ax.set_visible(False)
+            continue
+        q = queries[j]
+        _chain_lines(ax, qt[:, :, q], colours, label=False)
+        r = rh[q] if q < len(rh) and rh[q] is not None else math.nan
+        title = f"query {q}" + (f" · R-hat {float(r):.3f}" if math.isfinite(float(r)) else "")
+        ax.set_title(title + (" · unresolved" if q in bad else ""), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    phi = result.observable
+    fig.suptitle(f"Query {phi} at each draw, one colour per chain", fontsize=10)
+    fig.supxlabel("draw", fontsize=8)
+    which = "the queries with the largest R-hat" if diag is not None else "the first queries"
+    out["query-traces"] = (
+        _figure_uri(fig),
+        f"The {phi} of {len(queries)} of the {result.num_queries} queries ({which}) at each "
+        "draw, in the chain colours and style of the draw-loss plot. The scores are covariances of "
+        "these traces with the training losses: every chain should wander over the same range.",
+    )
+    return out

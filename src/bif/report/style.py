@@ -68,7 +68,8 @@ figure { margin: 0; }
 .plot { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 8px;
         flex: 1 1 520px; max-width: 640px; }
 .plot img { max-width: 100%; }
-.plot[data-plot="chains"] { flex-basis: 100%; max-width: 840px; }
+.plot[data-plot="chains"], .plot[data-plot="query-traces"] { flex-basis: 100%;
+                                                               max-width: 840px; }
 table { border-collapse: collapse; background: #fff; font-size: 13px; }
 th, td { border: 1px solid var(--line); padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #f0f3f6; }
@@ -78,6 +79,31 @@ tr.group th .muted { font-weight: normal; }
 td.key.depth-1, th.depth-1 { padding-left: 24px; }
 td.key.depth-2, th.depth-2 { padding-left: 40px; }
 footer { margin-top: 32px; color: var(--muted); font-size: 12px; }
+/* Chain diagnostics: the verdict banner, badges and the R-hat/ESS tables. */
+.verdict { border: 1px solid; border-left-width: 6px; border-radius: 8px; padding: 6px 16px;
+           margin: 10px 0 14px; background: #fff; }
+.verdict p { margin: 4px 0; }
+.verdict-ok { border-color: #1a7f37; background: #dafbe1; }
+.verdict-warn { border-color: #bf8700; background: #fff8c5; }
+.verdict-fail { border-color: #cf222e; background: #ffebe9; }
+.verdict-none { border-color: var(--line); color: var(--muted); }
+.verdict .reasons { margin: 4px 0 6px; padding-left: 20px; }
+.verdict .reason { margin: 4px 0; }
+.verdict .reason .level { display: inline-block; padding: 0 6px; border-radius: 10px;
+                          font-size: 11px; font-weight: 600; text-transform: uppercase;
+                          color: #fff; background: #9a6700; }
+.verdict .reason-fail .level { background: #cf222e; }
+.verdict .fix { color: var(--ink); font-size: 13px; margin-top: 2px; }
+.badge { display: inline-block; padding: 0 6px; border-radius: 10px; font-size: 11px;
+         font-weight: 600; vertical-align: middle; cursor: help; }
+.badge.unresolved { background: #fff8c5; color: #7d4e00; border: 1px solid #d4a72c; }
+.resolved { color: var(--muted); font-size: 12px; }
+.diagnostics-table { margin: 6px 0 10px; }
+.diagnostics-table td.value { text-align: right; font-variant-numeric: tabular-nums; }
+.diagnostics-table td.flag-warn { background: #fff8c5; }
+.diagnostics-table td.flag-fail { background: #ffebe9; color: #a40e26; font-weight: 600; }
+.diagnostics-table[data-table="queries"] { max-height: 32em; display: block; overflow: auto; }
+.chain-diagnostics .plots { margin-bottom: 8px; }
 """
 
 TOKEN_CSS = """
