@@ -66,6 +66,31 @@ ENERGY_SPIKE = 8.0
 TOKEN_SAMPLE = 64
 
 
+def energy_spike_limit(num_params: int, num_draws: int) -> float:
+    """The spike threshold in robust standard deviations: :data:`ENERGY_SPIKE`, or for few
+    parameters the largest of ``num_draws`` healthy draws, whichever is higher.
+
+    At equilibrium on a locally quadratic posterior ``U(w) - U(w*) ~ Gamma(P/2, 1)``, whose
+    right tail in median/MAD units is long when P is small (P = 5: the largest of 16,000 draws
+    lies about 10 robust SDs above the median). The limit is that Gamma's ``1 - 1e-3/num_draws``
+    quantile in the same units (independent draws: conservative for correlated ones); it falls
+    below 8 from about P = 40 on.
+    """
+    from scipy import stats
+
+    k = max(float(num_params), 1.0) / 2
+    med = float(stats.gamma.median(k))
+    # MAD of Gamma(k): the m with P(|X - med| <= m) = 1/2, by bisection on [0, 4 med + 10].
+    a, b = 0.0, 4 * med + 10.0
+    for _ in range(60):
+        m = (a + b) / 2
+        inside = stats.gamma.cdf(med + m, k) - stats.gamma.cdf(max(med - m, 0.0), k)
+        a, b = (m, b) if inside < 0.5 else (a, m)
+    mad = 1.4826 * (a + b) / 2
+    top = float(stats.gamma.ppf(1 - 1e-3 / max(num_draws, 1), k))
+    return max(ENERGY_SPIKE, (top - med) / mad)
+
+
 class DiagnosticWarning(UserWarning):
     """A BIF run whose chain diagnostics are not ``"ok"`` (see ``result.diagnostics``)."""
 
@@ -374,6 +399,7 @@ def diagnose(
             med = np.median(e, axis=1, keepdims=True)
             mad = 1.4826 * np.median(np.abs(e - med), axis=1, keepdims=True)
             spike = np.where(mad[:, 0] > 0, ((e - med) / np.where(mad > 0, mad, 1)).max(1), 0.0)
+            spike_limit = energy_spike_limit(num_params, e.size)
             en = {
                 "relative_to_half_p": ratio.tolist(),
                 "mean": float(ratio.mean()),
@@ -388,12 +414,13 @@ def diagnose(
                     "keep center_gradient=True (the default); localise harder (smaller radius, "
                     "larger gamma); or attribute a checkpoint trained to convergence",
                 ))  # fmt: skip
-            if e.shape[1] >= 20 and float(spike.max()) > ENERGY_SPIKE:
+            en["spike_limit"] = spike_limit
+            if e.shape[1] >= 20 and float(spike.max()) > spike_limit:
                 c_bad = int(spike.argmax())
                 reasons.append(Reason(
                     "warn", "energy",
                     f"chain {c_bad}'s energy spiked {spike.max():.1f} robust standard deviations "
-                    f"above its median (> {ENERGY_SPIKE:g}): the sampler is near its stability "
+                    f"above its median (> {spike_limit:.3g}): the sampler is near its stability "
                     "limit",
                     "let the step size be automatic (step_size='auto'), or lower step_size",
                 ))  # fmt: skip

@@ -32,7 +32,10 @@ def add_bench_parser(sub: Any, add_config_flags: Any) -> None:
         "BIF hyperparameter flags apply to the 'bif' method.",
     )
     bench.add_argument(
-        "setting", help="benchmark setting: digits, mnist, fmnist or shakespeare (language model)"
+        "setting",
+        help="benchmark setting: digits, mnist, fmnist or shakespeare (language model); or "
+        "'calibration': are the standard errors right (z-score variance over replicate runs "
+        "on linear regression and digits, and the diagnostics' false alarms)",
     )
     bench.add_argument(
         "--methods", default=None,
@@ -44,6 +47,20 @@ def add_bench_parser(sub: Any, add_config_flags: Any) -> None:
     bench.add_argument("--sweep", action="store_true", help="BIF LDS vs chains × draws instead")
     bench.add_argument("--chains", type=_ints, default=(2, 4, 8, 16), help="sweep: chain counts")
     bench.add_argument("--draws", type=_ints, default=(25, 50, 100, 200, 400), help="sweep: draws")
+    bench.add_argument(
+        "--time-to-ekfac", action="store_true",
+        help="time to EK-FAC's LDS instead: EK-FAC, then BIF at each --grid point (cheapest "
+        "first) until its LDS reaches EK-FAC's; prints both wall times and their ratio",
+    )  # fmt: skip
+    bench.add_argument("--grid", default="4x250,8x250,8x500,8x1000,8x2000",
+                       help="--time-to-ekfac: CHAINSxDRAWS points")  # fmt: skip
+    bench.add_argument("--adaptive", action="store_true",
+                       help="--time-to-ekfac: also time the num_draws='auto' run")  # fmt: skip
+    bench.add_argument("--replicates", type=int, default=None,
+                       help="calibration: replicate runs per setting (default: linear 60, "
+                       "digits 20)")  # fmt: skip
+    bench.add_argument("--on", default="linear,digits",
+                       help="calibration: settings (linear, digits)")  # fmt: skip
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     bench.add_argument(
         "--mislabel", action="store_true",
@@ -82,11 +99,32 @@ def cmd_bench(args: argparse.Namespace, bif_options: dict[str, Any]) -> int:
         if not args.if_damping > 0:
             raise ConfigError(f"--if-damping must be > 0, got {args.if_damping}.")
         options.update({m: {"damping": args.if_damping} for m in ("if-exact", "if-cg", "if-lissa")})
-    if args.sweep and args.mislabel:
-        raise ConfigError("--sweep and --mislabel are separate experiments; choose one.")
+    if sum(map(bool, (args.sweep, args.mislabel, args.time_to_ekfac))) > 1:
+        raise ConfigError(
+            "--sweep, --mislabel and --time-to-ekfac are separate experiments; choose one."
+        )
     if args.mislabel and args.setting == "shakespeare":
         raise ConfigError("--mislabel flips class labels; the shakespeare setting has none.")
-    if args.mislabel:
+    if args.setting == "calibration":
+        from bif.bench.calibration import format_rows, run_calibration
+
+        on = tuple(x.strip() for x in args.on.split(",") if x.strip())
+        print(f"bif bench calibration: {', '.join(on)}", flush=True)
+
+        def show_rep(name: str, seed: int, res: Any, dt: float) -> None:
+            d = res.diagnostics
+            print(f"  {name} seed {seed}: {dt:.1f} s, verdict {d.verdict if d else '?'}",
+                  flush=True)  # fmt: skip
+
+        doc = run_calibration(on, args.replicates, args.out, on_replicate=show_rep,
+                              **bif_options)  # fmt: skip
+        from bif.bench.calibration import ZRow
+
+        print(format_rows([ZRow(**r) for r in doc["rows"]]))
+        for name, part in doc["settings"].items():
+            print(f"{name}: {part['false_alarms']} of {part['runs']} runs not ok")
+        print(f"wrote {args.out / 'calibration.json'}")
+    elif args.mislabel:
         from bif.bench.mislabel import (
             DEFAULT_MISLABEL_METHODS,
             MISLABEL_METHODS,
@@ -112,6 +150,31 @@ def cmd_bench(args: argparse.Namespace, bif_options: dict[str, Any]) -> int:
                             n_boot=args.n_boot)  # fmt: skip
         print(format_mislabel_table(rows))
         print(f"wrote {args.out / (args.setting + '-mislabel.json')}")
+    elif args.time_to_ekfac:
+        from bif.bench.timeto import parse_grid, run_time_to
+
+        grid = parse_grid(args.grid)
+        print(f"bif bench {args.setting} --time-to-ekfac: ekfac, then bif at {args.grid}")
+        print(f"{'method':<8} {'chains':>6} {'draws':>6} {'LDS':>7}  {'95% interval':<17} "
+              f"{'time (s)':>9}  verdict")  # fmt: skip
+
+        def show_time(p: Any) -> None:
+            ci = f"[{p.ci_low:.3f}, {p.ci_high:.3f}]"
+            tag = "  (auto)" if p.adaptive else ""
+            tag += "  reaches ekfac" if p.reached else ""
+            print(f"{p.method:<8} {p.num_chains:6d} {p.num_draws:6d} {p.lds:7.3f}  {ci:<17} "
+                  f"{p.seconds:9.1f}  {p.verdict}{tag}", flush=True)  # fmt: skip
+
+        doc = run_time_to(args.setting, "ekfac", grid, args.adaptive, args.out, args.n_boot,
+                          show_time, **bif_options)  # fmt: skip
+        if doc["first"] is None:
+            print(f"no grid point reached EK-FAC's LDS {doc['reference']['lds']:.3f}")
+        else:
+            p = doc["points"][doc["first"]]
+            print(f"time to EK-FAC's LDS: {p['seconds']:.1f} s ({p['num_chains']} × "
+                  f"{p['num_draws']}) vs EK-FAC {doc['reference']['seconds']:.1f} s: "
+                  f"{doc['ratio']:.1f}×")  # fmt: skip
+        print(f"wrote {args.out / (args.setting + '-time-to-ekfac.json')}")
     elif args.sweep:
         print(f"bif bench {args.setting} --sweep: chains {args.chains} × draws {args.draws}")
         print(f"{'chains':>6} {'draws':>6} {'LDS':>7}  {'95% interval':<17} {'time (s)':>9}")
