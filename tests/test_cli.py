@@ -135,6 +135,22 @@ def test_report_regenerates_the_demo_page(demo_run, tmp_path, capsys) -> None:
         (["demo", "--out", "{missing}", "--num-queries", "0"], "num_queries must be a positive"),
         (["demo", "--out", "{missing}", "--num-queries", "798"], "at most the test-set size 797"),
         (["demo", "--out", "{missing}", "--threads", "0"], "--threads must be a positive"),
+        (
+            ["bench", "calibration", "--on", "nope", "--out", "{missing}"],
+            "unknown calibration setting(s) ['nope']",
+        ),
+        (
+            ["bench", "calibration", "--replicates", "2", "--out", "{missing}"],
+            "--replicates must be >= 3",
+        ),
+        (
+            ["bench", "digits", "--time-to-ekfac", "--sweep", "--out", "{missing}"],
+            "separate experiments",
+        ),
+        (
+            ["bench", "digits", "--time-to-ekfac", "--grid", "8-500", "--out", "{missing}"],
+            "--grid entries are CHAINSxDRAWS",
+        ),
         (["demo", "--out", "{missing}", "--nbeta", "inf"], "nbeta must be finite and > 0"),
     ],
 )

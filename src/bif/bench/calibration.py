@@ -257,6 +257,17 @@ def format_rows(rows: list[ZRow]) -> str:
     return "\n".join(lines)
 
 
+def check_request(settings: tuple[str, ...], replicates: int | None) -> None:
+    """ConfigError for an unknown setting or fewer than 3 replicates."""
+    unknown = [s for s in settings if s not in REPLICATES]
+    if unknown or not settings:
+        raise ConfigError(
+            f"unknown calibration setting(s) {unknown}; choose from {list(REPLICATES)}."
+        )
+    if replicates is not None and replicates < 3:
+        raise ConfigError(f"--replicates must be >= 3, got {replicates}.")
+
+
 def run_calibration(
     settings: tuple[str, ...] = ("linear", "digits"), replicates: int | None = None,
     out_dir: str | Path = "bif-bench", n_boot: int = 2000,
@@ -264,12 +275,8 @@ def run_calibration(
 ) -> dict[str, Any]:  # fmt: skip
     """Replicates on each setting (``replicates``, default :data:`REPLICATES`), the
     z-variance rows, false alarms; writes ``out_dir/calibration.json``."""
+    check_request(settings, replicates)
     makers = {"linear": linear_replicates, "digits": digits_replicates}
-    unknown = [s for s in settings if s not in makers]
-    if unknown:
-        raise ConfigError(f"unknown calibration setting(s) {unknown}; choose from {list(makers)}.")
-    if replicates is not None and replicates < 3:
-        raise ConfigError(f"--replicates must be >= 3, got {replicates}.")
     doc: dict[str, Any] = {"replicates": replicates, "options": bif_options, "settings": {}}
     rows: list[ZRow] = []
     for name in settings:

@@ -106,9 +106,10 @@ def cmd_bench(args: argparse.Namespace, bif_options: dict[str, Any]) -> int:
     if args.mislabel and args.setting == "shakespeare":
         raise ConfigError("--mislabel flips class labels; the shakespeare setting has none.")
     if args.setting == "calibration":
-        from bif.bench.calibration import format_rows, run_calibration
+        from bif.bench.calibration import check_request, format_rows, run_calibration
 
         on = tuple(x.strip() for x in args.on.split(",") if x.strip())
+        check_request(on, args.replicates)
         print(f"bif bench calibration: {', '.join(on)}", flush=True)
 
         def show_rep(name: str, seed: int, res: Any, dt: float) -> None:
