@@ -21,11 +21,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy import stats
-from sklearn.datasets import load_breast_cancer, load_diabetes
+from sklearn.datasets import load_breast_cancer
 from torch import Tensor, nn
 from torch.func import hessian, jacrev
 
 import bif
+from bif.bench.calibration import LIN_QUERY, LIN_TRAIN, diabetes_regression
 from bif.estimator import batch_covariance
 from bif.oracles import baoab_mode_lag_var, expected_chain_cov, kinetic_squared_loss_scores
 
@@ -189,32 +190,21 @@ def test_toy_gaussian_matches_discretised_chain_and_extrapolates_to_continuum():
 # 2. Linear regression with squared loss: the local posterior is exactly Gaussian
 # ---------------------------------------------------------------------------------------------
 
-LIN_N, LIN_Q = 40, 10
+LIN_N, LIN_Q = LIN_TRAIN, LIN_QUERY
 
 
 def diabetes(scale0: float = 1.0) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """50 rows of sklearn's diabetes (bmi, bp, s3, s5), standardised on the 40 training rows.
+    """:func:`bif.bench.calibration.diabetes_regression` (50 rows of sklearn's diabetes, 40 for
+    training) and H [5, 5], the Hessian of the mean training loss.
 
     Returns:
         model (nn.Linear at the least-squares w*), X [50, 4], y [50, 1], design [50, 5] (the
-        gradient of each residual u = xᵀw + b - y with respect to (weight, bias)), H [5, 5] (Hessian
-        of the mean training loss) and the residuals at w* [50].
+        gradient of each residual u = xᵀw + b - y with respect to (weight, bias)), H and the
+        residuals at w* [50].
     """
-    x_all, y_all = load_diabetes(return_X_y=True)
-    perm = np.random.default_rng(0).permutation(len(y_all))[: LIN_N + LIN_Q]
-    x, y = x_all[perm][:, [2, 3, 6, 8]], y_all[perm]
-    x = (x - x[:LIN_N].mean(0)) / x[:LIN_N].std(0)
-    x[:, 0] *= scale0
-    y = (y - y[:LIN_N].mean()) / y[:LIN_N].std()
-    X, Y = torch.tensor(x), torch.tensor(y)[:, None]
-    design = torch.cat([X, torch.ones(len(X), 1, dtype=F64)], 1)
-    w_star = torch.linalg.lstsq(design[:LIN_N], Y[:LIN_N]).solution[:, 0]
-    model = nn.Linear(4, 1).double().eval()
-    with torch.no_grad():
-        model.weight.copy_(w_star[:4][None])
-        model.bias.copy_(w_star[4:])
+    model, X, Y, design, mu = diabetes_regression(scale0)
     H = design[:LIN_N].T @ design[:LIN_N] / LIN_N
-    return model, X, Y, design, H, design @ w_star - Y[:, 0]
+    return model, X, Y, design, H, mu
 
 
 def z2_null_interval(per_chain: Tensor) -> tuple[float, float]:

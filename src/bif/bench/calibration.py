@@ -68,6 +68,7 @@ class Replicates:
     truth: Tensor | None = None  # [Q, N] exact expectation, when known
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    config: Any = None  # the last replicate's resolved BIFConfig (automatic step and friction)
 
 
 def z_squared(scores: Tensor, errors: Tensor, truth: Tensor | None = None) -> Tensor:
@@ -149,7 +150,7 @@ def _collect(setting: str, run: Callable[[int], Any], replicates: int,
         if on_replicate is not None:
             on_replicate(seed, res, dt)
     return Replicates(setting, torch.stack(scores), {k: torch.stack(v) for k, v in errs.items()},
-                      dofs, None, verdicts, seconds)  # fmt: skip
+                      dofs, None, verdicts, seconds, res.config)  # fmt: skip
 
 
 def digits_replicates(
@@ -178,9 +179,10 @@ LIN_TRAIN, LIN_QUERY = 40, 10
 LIN_OPTIONS = dict(nbeta=40.0, gamma=4.0, precondition_rank=0, num_burnin=1000)
 
 
-def diabetes_regression() -> tuple[Any, Tensor, Tensor, Tensor, Tensor]:
+def diabetes_regression(scale0: float = 1.0) -> tuple[Any, Tensor, Tensor, Tensor, Tensor]:
     """50 rows of scikit-learn's diabetes data (bmi, bp, s3, s5), standardised on the 40
-    training rows, and the least-squares ``nn.Linear`` (float64).
+    training rows (the first feature then multiplied by ``scale0``), and the least-squares
+    ``nn.Linear`` (float64). The test suite's Gaussian oracles use the same data.
 
     Returns:
         model, X [50, 4], y [50, 1], design [50, 5] (the gradient of each residual
@@ -199,6 +201,7 @@ def diabetes_regression() -> tuple[Any, Tensor, Tensor, Tensor, Tensor]:
     perm = np.random.default_rng(0).permutation(len(y_all))[: LIN_TRAIN + LIN_QUERY]
     x, y = x_all[perm][:, [2, 3, 6, 8]], y_all[perm]
     x = (x - x[:LIN_TRAIN].mean(0)) / x[:LIN_TRAIN].std(0)
+    x[:, 0] *= scale0
     y = (y - y[:LIN_TRAIN].mean()) / y[:LIN_TRAIN].std()
     X, Y = torch.tensor(x), torch.tensor(y)[:, None]
     design = torch.cat([X, torch.ones(len(X), 1, dtype=F64)], 1)
@@ -231,8 +234,7 @@ def linear_replicates(
                              seed=seed, progress=False, **opts)  # fmt: skip
 
     reps = _collect("linear regression", run, replicates, on_replicate, first_seed)
-    res = run(first_seed)  # the settings every replicate used (automatic step and friction)
-    c = res.config
+    c = reps.config  # the settings the replicates used (automatic step and friction)
     H = design[tr].T @ design[tr] / LIN_TRAIN
     A = float(c.nbeta) * H + float(c.gamma) * torch.eye(5, dtype=F64)
     reps.truth = kinetic_squared_loss_scores(
