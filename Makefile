@@ -80,3 +80,8 @@ bench-data: $(STAMP)
 BENCH_SETTINGS ?= digits mnist fmnist
 bench: compare-install bench-data
 	for s in $(BENCH_SETTINGS); do $(VENV)/bin/bif bench $$s --out bif-bench || exit 1; done
+
+# The sampling loop's time against the bare fused work of its maths (JSON + table in bif-bench/).
+.PHONY: bench-speed
+bench-speed: $(STAMP)
+	$(VENV)/bin/bif bench speed --threads 1 --out bif-bench

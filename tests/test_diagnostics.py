@@ -269,9 +269,9 @@ def test_adaptive_run_stops_when_resolved_and_resumes_identically(problem, tmp_p
 
 
 def _interrupted(problem, rd, kw, after: int) -> None:
-    import bif.sampler.run as run_mod
+    import bif.sampler.recorder as recorder_mod
 
-    real = run_mod.update_moments
+    real = recorder_mod.update_moments
     calls = {"n": 0}
 
     def stopper(*a, **k):
@@ -280,11 +280,11 @@ def _interrupted(problem, rd, kw, after: int) -> None:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    run_mod.update_moments = stopper
+    recorder_mod.update_moments = stopper
     try:
         _run(*problem, run_dir=rd, checkpoint_every=50, **kw)
     finally:
-        run_mod.update_moments = real
+        recorder_mod.update_moments = real
 
 
 def test_adaptive_budget_ends_the_run(problem) -> None:

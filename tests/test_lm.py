@@ -149,9 +149,9 @@ def test_vmap_matches_loop_and_resume(run, tmp_path, monkeypatch) -> None:
     torch.testing.assert_close(loop.tokens.query, run.tokens.query, rtol=1e-5, atol=1e-6)
     # Kill mid-run, resume: identical token traces and scores.
     import bif.api as api_mod
-    import bif.sampler.run as run_mod
+    import bif.sampler.recorder as recorder_mod
 
-    real, calls = run_mod.update_moments, {"n": 0, "pilot": False}
+    real, calls = recorder_mod.update_moments, {"n": 0, "pilot": False}
     real_guard = api_mod.guard
 
     def stop(*a: Any, **k: Any) -> Any:
@@ -168,7 +168,7 @@ def test_vmap_matches_loop_and_resume(run, tmp_path, monkeypatch) -> None:
             calls["pilot"] = False
 
     kw = dict(task=CausalLMTask(), chunk_size=4, run_dir=tmp_path, checkpoint_every=2, **FAST)
-    monkeypatch.setattr(run_mod, "update_moments", stop)
+    monkeypatch.setattr(recorder_mod, "update_moments", stop)
     monkeypatch.setattr(api_mod, "guard", guard)
     with pytest.raises(KeyboardInterrupt):
         bif.attribute(TinyLM().eval(), train, query, **kw)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bif
-import bif.sampler.run as run_mod
+import bif.sampler.recorder as recorder_mod
 from bif.errors import ArtifactError
 
 N, Q, DIN, K = 24, 5, 5, 3
@@ -147,7 +147,7 @@ class _Interrupt:
 
     def __init__(self, at: int) -> None:
         self.at, self.calls = at, 0
-        self.real = run_mod.update_moments
+        self.real = recorder_mod.update_moments
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
@@ -179,7 +179,7 @@ def test_resume_matches_uninterrupted(
     run_dir = tmp_path / "run"
     for at in interrupts:
         stopper = _Interrupt(at)
-        monkeypatch.setattr(run_mod, "update_moments", stopper)
+        monkeypatch.setattr(recorder_mod, "update_moments", stopper)
         with pytest.raises(KeyboardInterrupt):
             bif.attribute(model, train, query, run_dir=run_dir, checkpoint_every=2, **kw)
         assert stopper.calls == at

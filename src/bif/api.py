@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import platform
@@ -13,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bif import __version__, checkpoint, stopping
-from bif.auto import Curvature, resolve_auto
+from bif import __version__, checkpoint, distributed, stopping, validate
+from bif.auto import Curvature, curvature_to, resolve_auto
 from bif.config import AUTO_FIELDS, BIFConfig
 from bif.data import DataSource
 from bif.diagnostics import TOKEN_SAMPLE, diagnose, warn_if_not_ok
@@ -38,9 +40,9 @@ def attribute(
     task: str | Task | OutputLossFn = "classification",
     *,
     observable: str | OutputLossFn | None = None,
-    config: BIFConfig | None = None,
+    config: BIFConfig | dict[str, Any] | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     progress: bool = True,
     run_dir: str | Path | None = None,
     checkpoint_every: int = 50,
@@ -87,6 +89,10 @@ def attribute(
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    # Typos and unavailable devices fail here, in milliseconds, with the fix named.
+    config, device = validate.coerce_config(config), validate.coerce_device(device)
+    dtype = validate.coerce_dtype(dtype)
+    validate.check_run_dir(run_dir)
     cfg = (config or BIFConfig()).replace(**hyperparams) if hyperparams else config or BIFConfig()
     if (
         isinstance(checkpoint_every, bool)
@@ -119,34 +125,61 @@ def attribute(
         )
         model.eval()
     try:
-        fwd = getattr(torch, cfg.forward_dtype) if cfg.forward_dtype is not None else None
-        fmodel = FunctionalModel(model, device, dtype, forward_dtype=fwd)
-        dt = dtype if dtype is not None else next(iter(fmodel.w_star.values())).dtype
-        train_src = DataSource(train, "train", device, dt)
-        query_src = DataSource(query, "query", device, dt)
-        _check_weights(fmodel)
-        train_star, query_star, hashes = _preflight(fmodel, the_task, train_src, query_src, cfg)
-        task_name = getattr(the_task, "name", type(the_task).__name__)
-        ident = run_identity(model, fmodel.w_star, fmodel.fixed, the_task, *hashes)
-        dig = digest(ident)
+        part = distributed.partition(cfg.num_chains)
+        try:
+            fwd = getattr(torch, cfg.forward_dtype) if cfg.forward_dtype is not None else None
+            fmodel = FunctionalModel(model, device, dtype, forward_dtype=fwd)
+            dt = dtype if dtype is not None else next(iter(fmodel.w_star.values())).dtype
+            train_src = DataSource(train, "train", device, dt)
+            query_src = DataSource(query, "query", device, dt)
+            _check_weights(fmodel)
+            train_star, query_star, hashes = _preflight(fmodel, the_task, train_src, query_src, cfg)
+            task_name = getattr(the_task, "name", type(the_task).__name__)
+            ident = run_identity(model, fmodel.w_star, fmodel.fixed, the_task, *hashes)
+            dig = digest(ident)
+        except BaseException as e:
+            if part.distributed:
+                distributed.agree(e)  # the other ranks stop too instead of waiting for this one
+            raise
+        if part.distributed:
+            distributed.agree()
+            _same_run_everywhere(dig, requested)
         t0 = time.perf_counter()
         rd = Path(run_dir) if run_dir is not None else None
-        if rd is not None:
-            values = checkpoint_values(train_star, query_star)
-            checkpoint.open_run(rd, ident, values, requested.to_dict())
-        cfg, curv = resolve_auto(cfg, fmodel, the_task, train_src, rd, dig, progress)
-        eig = curv.eigenpairs
+        # Rank 0 alone writes the run directory's shared files, resolves the automatic
+        # settings and pilots them; the other ranks take its config and curvature.
+        shared, failure = None, None
+        if distributed.is_main():
+            try:
+                if rd is not None:
+                    values = checkpoint_values(train_star, query_star)
+                    checkpoint.open_run(rd, ident, values, requested.to_dict())
+                cfg, curv = resolve_auto(cfg, fmodel, the_task, train_src, rd, dig, progress)
+                eig = curv.eigenpairs
 
-        def again(c: BIFConfig) -> tuple[BIFConfig, Curvature]:
-            return resolve_auto(c, fmodel, the_task, train_src, rd, dig, False, eigenpairs=eig)
+                def again(c: BIFConfig) -> tuple[BIFConfig, Curvature]:
+                    return resolve_auto(
+                        c, fmodel, the_task, train_src, rd, dig, False, eigenpairs=eig
+                    )
 
-        cfg, curv = guard(
-            requested, cfg, curv, fmodel, the_task, train_src, query_src, again, progress
-        )
+                cfg, curv = guard(
+                    requested, cfg, curv, fmodel, the_task, train_src, query_src, again, progress
+                )
+                shared = (cfg, curv)
+            except BaseException as e:
+                failure = e
+                if not part.distributed:
+                    raise
+        if part.distributed:
+            distributed.agree(failure)
+            got = distributed.broadcast(
+                (shared[0], curvature_to(shared[1], "cpu")) if shared else None
+            )
+            cfg, curv = got[0], curvature_to(got[1], device)
         out = run_chains(
             fmodel, the_task, train_src, query_src, cfg, progress=progress, run_dir=rd,
             checkpoint_every=checkpoint_every, identity=dig, mass=curv.mass,
-            saddle=curv.saddle,
+            saddle=curv.saddle, partition=part,
         )  # fmt: skip
         wall = time.perf_counter() - t0
     finally:
@@ -175,6 +208,7 @@ def attribute(
         "preconditioner": curv.info,
         "sampling_seconds": wall,
         "resumed": out.resumed,
+        "processes": part.world,
         "identity": dig,
         "model_was_training": was_training,
         "per_token": out.tokens is not None,
@@ -192,7 +226,8 @@ def attribute(
         est.stderr.cpu(),
         out.train_trace, token_sample, out.energy, fmodel.num_params,
     )  # fmt: skip
-    warn_if_not_ok(diag)
+    if distributed.is_main():  # one process warns for the group
+        warn_if_not_ok(diag)
     return BIFResult(
         scores=est.scores.cpu(),
         stderr=est.stderr.cpu(),
@@ -214,6 +249,19 @@ def attribute(
         energy=out.energy,
         diagnostics=diag,
     )
+
+
+def _same_run_everywhere(dig: str, requested: BIFConfig) -> None:
+    """Every rank of a process group must attribute the same model, data and config."""
+    fix = (
+        "every process must load the same checkpoint and the same data in the same order, "
+        "and pass the same settings (seed any random data loading alike on every rank)."
+    )
+    distributed.same_everywhere(dig, "model, data, task or observable", fix)
+    conf = hashlib.blake2b(
+        json.dumps(requested.to_dict(), sort_keys=True, default=str).encode(), digest_size=8
+    ).hexdigest()
+    distributed.same_everywhere(conf, "config", fix)
 
 
 def _check_weights(fmodel: FunctionalModel) -> None:
@@ -249,13 +297,14 @@ def _preflight(
         values = []
         hasher = DataHasher()
         for start, batch in src.chunks(cfg.chunk_size):
+            n = min(cfg.chunk_size, len(src) - start)
             # Every chunk, not only the first: a bad label anywhere would otherwise surface as
             # an opaque IndexError deep inside the sampler.
-            if check is not None:
-                check(model, batch)
-            n = min(cfg.chunk_size, len(src) - start)
+            with validate.model_call(src.name, start, n, batch, fmodel.module):
+                if check is not None:
+                    check(model, batch)
+                v = check_per_sample(fn(model, batch), n, what)
             hasher.update(batch, n)
-            v = check_per_sample(fn(model, batch), n, what)
             values.append(v.to("cpu", torch.float64))
         hashes.append(hasher.hexdigest())
         vals = torch.cat(values)

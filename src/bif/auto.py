@@ -9,6 +9,7 @@ bit-identical settings instead of re-running the eigensolver.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -70,6 +71,17 @@ class Curvature:
     # top Hessian eigenpairs (values [k], vectors [P, k]): they do not depend on nβ or γ, so
     # re-resolving the rules at another nβ (bif.pilot) reuses them
     eigenpairs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def curvature_to(curv: Curvature, device: torch.device | str) -> Curvature:
+    """``curv`` with its tensors on ``device`` (to send it to another process, or receive it)."""
+    mass = curv.mass
+    if mass is not None:
+        mass = mass._replace(basis=mass.basis.to(device), curvature=mass.curvature.to(device))
+    pair = lambda p: None if p is None else (p[0].to(device), p[1].to(device))  # noqa: E731
+    return dataclasses.replace(
+        curv, mass=mass, saddle=pair(curv.saddle), eigenpairs=pair(curv.eigenpairs)
+    )
 
 
 def preconditioned(cfg: BIFConfig) -> bool:

@@ -8,7 +8,9 @@ A run directory holds:
   with a diff of what changed.
 - ``curvature.safetensors``: the Hessian eigenpairs behind the mass matrix (read on resume).
 - ``state.safetensors``: moments, traces, the active chain group's sampler state and random
-  generator states, with the progress metadata in the same file's header.
+  generator states, with the progress metadata in the same file's header. A run spread over
+  processes (:mod:`bif.distributed`) writes one ``state.chains-LO-HI.safetensors`` per process,
+  each holding chains ``LO..HI-1``; a relaunch with another split refuses rather than mix them.
 
 Every file is one commit point: it is written to a temporary name, flushed to disk (``fsync``),
 renamed over the old one, and the directory entry is flushed too. A kill at any moment leaves
@@ -215,20 +217,46 @@ def describe(component: str) -> str:
 # -- sampler state ---------------------------------------------------------------------------
 
 
-def save(run_dir: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+def state_file(chains: tuple[int, int] | None = None) -> str:
+    """The sampler checkpoint's name: ``state.safetensors``, or for the process that owns
+    chains ``[lo, hi)`` of a distributed run ``state.chains-LO-HI.safetensors``."""
+    return STATE_FILE if chains is None else f"state.chains-{chains[0]}-{chains[1] - 1}.safetensors"
+
+
+def save(
+    run_dir: Path, tensors: dict[str, Tensor], meta: dict[str, Any], name: str = STATE_FILE
+) -> None:
     """The sampler checkpoint: tensors and progress ``meta`` in one file, one commit point."""
-    save_tensors(run_dir / STATE_FILE, tensors, meta)
+    save_tensors(run_dir / name, tensors, meta)
 
 
 def load(
-    run_dir: Path, config: dict[str, Any], digest: str
+    run_dir: Path,
+    config: dict[str, Any],
+    digest: str,
+    name: str = STATE_FILE,
+    siblings: tuple[str, ...] = (),
 ) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
     """The saved state if ``run_dir`` holds one made by the same config and run, else None.
 
+    ``name`` is this process's checkpoint and ``siblings`` those of the other processes of
+    the same split (:func:`state_file`); any other state file is another split's.
+
     Raises:
-        ArtifactError: the state belongs to another config or run, or is damaged.
+        ArtifactError: the state belongs to another config or run, is damaged, or the
+            directory holds the checkpoints of another split of the chains over processes.
     """
-    path = run_dir / STATE_FILE
+    mine = {name, *siblings}
+    found = run_dir.glob("state*.safetensors") if run_dir.is_dir() else []
+    others = sorted(p.name for p in found if p.name not in mine)
+    if others:
+        raise ArtifactError(
+            f"{run_dir} holds {', '.join(others)}, the checkpoints of this run split over "
+            f"another number of processes, and this process would write {name}. Relaunch with "
+            "the number of processes that wrote them (one file per process; "
+            "state.safetensors: a single process), or delete the directory to start afresh."
+        )
+    path = run_dir / name
     if not path.exists():
         return None
     tensors, meta = load_tensors(path, _fresh_start(run_dir))

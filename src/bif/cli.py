@@ -162,6 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--json", action="store_true",
                           help="print the diagnostics as JSON instead of text")  # fmt: skip
 
+    run = sub.add_parser(
+        "run",
+        help="attribute your own model from a TOML configuration (an entry function, or a "
+        "Hugging Face causal LM with JSONL data)",
+        description='Read CONFIG.toml: entry = "FILE.py:FUNCTION" or "package.module:'
+        'FUNCTION" (a function returning a dict with model, train, query and optionally task, '
+        'observable), or hf_model = "DIR" with train/query JSONL files of {"text": ...} or '
+        '{"prompt": ..., "completion": ...} lines; out = "DIR"; a [bif] table of '
+        "hyperparameters. Writes OUT/run (checkpoints: running again resumes), OUT/result, "
+        "OUT/report.html and OUT/config.toml (the configuration as run, automatic values "
+        "resolved). See bif.runfile.",
+    )
+    run.add_argument("config", type=Path, help="the run configuration (.toml)")
+    run.add_argument("--out", type=Path, default=None,
+                     help="output directory (default: the file's out, relative to it)")  # fmt: skip
+    run.add_argument("-k", type=int, default=5, help="proponents/opponents printed per query")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(run)  # flags override the file's [bif] table
+
     from bif.bench.cli import add_bench_parser
 
     add_bench_parser(sub, add_config_flags)
@@ -468,6 +487,34 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from bif.runfile import run_config
+
+    _check_positive("-k", args.k)
+    t0 = time.perf_counter()
+    out = run_config(args.config, config_overrides(args), out=args.out, progress=not args.quiet)
+    if not out.is_main:  # ranks > 0 of a distributed run: rank 0 reports
+        return 0
+    r, c = out.result, out.result.config
+    resumed = f" (resumed from {out.out_dir / 'run'})" if r.meta.get("resumed") else ""
+    print(
+        f"bif run {args.config}: {r.num_train} training examples, {r.num_queries} queries; "
+        f"{c.num_chains} chains × {c.num_draws} draws, step size {c.step_size:.3g}, "
+        f"nβ = {c.nbeta:.4g}, γ = {c.gamma:.4g}{resumed}\n"
+    )
+    shown = min(r.num_queries, 5)
+    for q in range(shown):
+        print("\n".join(format_query(r, q, args.k, None)) + "\n")
+    if shown < r.num_queries:
+        print(f"... and {r.num_queries - shown} more queries (bif show {out.result_dir})\n")
+    print("\n".join(verdict_lines(r, out.result_dir or out.out_dir)) + "\n")
+    print(f"report: {out.report_path}")
+    print(f"result: {out.result_dir}   (bif show {out.result_dir})")
+    print(f"config: {out.config_path}   (the configuration as run)")
+    print(f"wall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from bif.bench.cli import cmd_bench
 
@@ -480,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="bif: %(levelname)s: %(message)s")
     commands = {
         "demo": _cmd_demo, "show": _cmd_show, "report": _cmd_report, "diagnose": _cmd_diagnose,
-        "bench": _cmd_bench,
+        "bench": _cmd_bench, "run": _cmd_run,
     }  # fmt: skip
     try:
         return commands[args.command](args)

@@ -263,6 +263,12 @@ class BIFConfig:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
+        # numpy's SeedSequence (each chain's seed) refuses negative seeds and torch's
+        # generators 64-bit overflow; the pilot adds an offset, hence the margin below 2**63.
+        if not 0 <= self.seed < 2**62:
+            raise ConfigError(
+                f"seed must be an integer in [0, 2**62), got {self.seed}; e.g. seed=0."
+            )
 
     @property
     def damping(self) -> float:

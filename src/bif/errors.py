@@ -43,3 +43,8 @@ class DivergenceError(BIFError, RuntimeError):
 
 class ArtifactError(BIFError, ValueError):
     """A saved run or result does not match what is being asked (config, model or data differ)."""
+
+
+class RunConfigError(ConfigError):
+    """A ``bif run`` configuration file cannot be used: an unknown or missing key, a path that
+    does not exist, an entry point that cannot be imported or returns the wrong thing."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from bif.sampler.mass import flatten, unflatten
+from bif.sampler.mass import flatten, group_matmul, unflatten
 
 Params = dict[str, Tensor]
 
@@ -46,6 +46,7 @@ class LocalPosterior:
     w_star: Params
     grad_star: Params | None = None  # ∇L_n(w*) when the gradient is centred, else None
     saddle: tuple[Tensor, Tensor] | None = None  # (V [P, j], c [j]): extra localisation
+    rows: int = 0  # chain groups' products as if of this many rows (bif.sampler.mass.group_matmul)
 
     def _delta(self, params: Params) -> Params:
         return {k: params[k] - self.w_star[k] for k in params}
@@ -62,7 +63,8 @@ class LocalPosterior:
         }
         if self.saddle is not None:
             v, c = self.saddle
-            extra = unflatten(((flatten(delta) @ v) * c) @ v.T, params)
+            proj = group_matmul(flatten(delta), v, self.rows) * c
+            extra = unflatten(group_matmul(proj, v.T, self.rows), params)
             out = {k: out[k] + extra[k] for k in out}
         return out
 
@@ -78,7 +80,7 @@ class LocalPosterior:
             u = u - self.nbeta * lin
         if self.saddle is not None:
             v, c = self.saddle
-            proj = flatten(delta) @ v  # [C, j]
+            proj = group_matmul(flatten(delta), v, self.rows)  # [C, j]
             u = u + 0.5 * (proj.pow(2) * c).sum(-1).reshape(u.shape)
         return u
 

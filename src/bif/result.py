@@ -14,6 +14,7 @@ from bif.config import BIFConfig
 from bif.diagnostics import Diagnostics
 from bif.errors import ArtifactError, BIFError, ConfigError, SelectionError
 from bif.tokens import TOKENS_FILE, TokenTraces
+from bif.validate import check_dir_target
 
 TENSORS_FILE = "result.safetensors"
 META_FILE = "result.json"
@@ -146,9 +147,15 @@ class BIFResult:
 
         ``result.json`` is removed first and written last, each file atomically: a save that
         is interrupted leaves a directory that :meth:`load` refuses, never a mix of two
-        results.
+        results. Saving into a directory that holds a result replaces it.
+
+        Raises:
+            ArtifactError: ``path`` (or a parent) is an existing file, not a directory.
         """
         path = Path(path)
+        # An existing file there would fail inside mkdir with a bare FileExistsError; an
+        # existing result directory is overwritten (result.json first, see above).
+        check_dir_target(path, "result.save path", f"{META_FILE} and {TENSORS_FILE}")
         path.mkdir(parents=True, exist_ok=True)
         (path / META_FILE).unlink(missing_ok=True)
         tensors = {n: getattr(self, n) for n in self._TENSORS}

@@ -1,5 +1,6 @@
-"""``bif bench`` (registered by :mod:`bif.cli`): the LDS table of a setting, a BIF sweep, or
-mislabel detection (``--mislabel``, :mod:`bif.bench.mislabel`)."""
+"""``bif bench`` (registered by :mod:`bif.cli`): the LDS table of a setting, a BIF sweep,
+mislabel detection (``--mislabel``, :mod:`bif.bench.mislabel`), or the loop's speed against its
+bare fused work (``bif bench speed``, :mod:`bif.bench.speed`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from bif.errors import ConfigError
+
+SWEEP_CHAINS = (2, 4, 8, 16)
+SWEEP_DRAWS = (25, 50, 100, 200, 400)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -35,8 +39,12 @@ def add_bench_parser(sub: Any, add_config_flags: Any) -> None:
         "setting",
         help="benchmark setting: digits, mnist, fmnist or shakespeare (language model); or "
         "'calibration': are the standard errors right (z-score variance over replicate runs "
-        "on linear regression and digits, and the diagnostics' false alarms)",
+        "on linear regression and digits, and the diagnostics' false alarms); or 'speed': "
+        "the default run's time against the bare fused work of its maths",
     )
+    bench.add_argument("speed_on", nargs="?", default=None, metavar="SPEED_SETTING",
+                       help="speed: digits, mnist, tiny-lm or a comma list (default: all "
+                       "three)")  # fmt: skip
     bench.add_argument(
         "--methods", default=None,
         help=f"comma-separated methods among {','.join(sorted(METHODS))} (default: "
@@ -45,8 +53,17 @@ def add_bench_parser(sub: Any, add_config_flags: Any) -> None:
     bench.add_argument("--out", type=Path, default=Path("bif-bench"), help="output directory")
     bench.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CI")
     bench.add_argument("--sweep", action="store_true", help="BIF LDS vs chains × draws instead")
-    bench.add_argument("--chains", type=_ints, default=(2, 4, 8, 16), help="sweep: chain counts")
-    bench.add_argument("--draws", type=_ints, default=(25, 50, 100, 200, 400), help="sweep: draws")
+    bench.add_argument("--chains", type=_ints, default=None,
+                       help="sweep: chain counts (default 2,4,8,16); speed: one")  # fmt: skip
+    bench.add_argument("--draws", type=_ints, default=None,
+                       help="sweep: draws (default 25,50,100,200,400); speed: one")  # fmt: skip
+    bench.add_argument("--burnin", type=int, default=None, help="speed: num_burnin")
+    bench.add_argument("--repeats", type=int, default=1,
+                       help="speed: times to run each phase, alternating")  # fmt: skip
+    bench.add_argument("--quick", action="store_true",
+                       help="speed: tiny sizes, a smoke check (not a figure)")  # fmt: skip
+    bench.add_argument("--device", default=None,
+                       help="speed: where to sample (default: cuda if available)")  # fmt: skip
     bench.add_argument(
         "--time-to-ekfac", action="store_true",
         help="time to EK-FAC's LDS instead: EK-FAC, then BIF at each --grid point (cheapest "
@@ -61,7 +78,8 @@ def add_bench_parser(sub: Any, add_config_flags: Any) -> None:
                        "digits 20)")  # fmt: skip
     bench.add_argument("--on", default="linear,digits",
                        help="calibration: settings (linear, digits)")  # fmt: skip
-    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (speed: default 1)")  # fmt: skip
     bench.add_argument(
         "--mislabel", action="store_true",
         help="mislabel detection instead: flip --flip-fraction of the training labels, retrain, "
@@ -103,9 +121,13 @@ def cmd_bench(args: argparse.Namespace, bif_options: dict[str, Any]) -> int:
         raise ConfigError(
             "--sweep, --mislabel and --time-to-ekfac are separate experiments; choose one."
         )
+    if args.speed_on is not None and args.setting != "speed":
+        raise ConfigError(f"a second setting ({args.speed_on!r}) is for `bif bench speed` only.")
     if args.mislabel and args.setting == "shakespeare":
         raise ConfigError("--mislabel flips class labels; the shakespeare setting has none.")
-    if args.setting == "calibration":
+    if args.setting == "speed":
+        _cmd_speed(args, bif_options)
+    elif args.setting == "calibration":
         from bif.bench.calibration import check_request, format_rows, run_calibration
 
         on = tuple(x.strip() for x in args.on.split(",") if x.strip())
@@ -177,6 +199,7 @@ def cmd_bench(args: argparse.Namespace, bif_options: dict[str, Any]) -> int:
                   f"{doc['ratio']:.1f}×")  # fmt: skip
         print(f"wrote {args.out / (args.setting + '-time-to-ekfac.json')}")
     elif args.sweep:
+        args.chains, args.draws = args.chains or SWEEP_CHAINS, args.draws or SWEEP_DRAWS
         print(f"bif bench {args.setting} --sweep: chains {args.chains} × draws {args.draws}")
         print(f"{'chains':>6} {'draws':>6} {'LDS':>7}  {'95% interval':<17} {'time (s)':>9}")
 
@@ -202,3 +225,27 @@ def cmd_bench(args: argparse.Namespace, bif_options: dict[str, Any]) -> int:
         print(f"wrote {args.out / (args.setting + '.json')} and .png")
     print(f"wall time: {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _cmd_speed(args: argparse.Namespace, bif_options: dict[str, Any]) -> None:
+    """``bif bench speed [SETTING]``: print the table, write speed.json and speed.txt."""
+    from bif.bench.speed import SPEED_FILE, TABLE_FILE, parse_settings, run_speed
+
+    names = parse_settings(args.speed_on)
+    options = dict(bif_options)
+    for flag, name in (("chains", "num_chains"), ("draws", "num_draws")):
+        values = getattr(args, flag)
+        if values is not None:
+            if len(values) != 1:
+                raise ConfigError(f"speed: --{flag} takes one number, got {values}.")
+            options[name] = values[0]
+    if args.burnin is not None:
+        options["num_burnin"] = args.burnin
+    threads = args.threads if args.threads is not None else 1
+    print(f"bif bench speed: {', '.join(names)} ({threads} thread(s)"
+          f"{', quick' if args.quick else ''})", flush=True)  # fmt: skip
+    doc = run_speed(names, args.out, options, quick=args.quick, repeats=args.repeats,
+                    threads=threads, device=args.device,
+                    on_event=lambda line: print(line, flush=True))  # fmt: skip
+    print(doc["table"])
+    print(f"wrote {args.out / SPEED_FILE} and {args.out / TABLE_FILE}")

@@ -37,17 +37,21 @@ class LowRankMass(NamedTuple):
         gamma: mass of every direction outside the basis (the localisation strength γ).
         basis: ``[P, k]`` orthonormal columns (top eigenvectors of the Hessian at w*).
         curvature: ``[k]`` mass along each column, ``nβ·μ_j + γ`` (> 0).
+        rows: compute the products of a ``[G, P]`` group as if it had this many rows (see
+            :func:`group_matmul`); 0: as it is.
     """
 
     gamma: float
     basis: Tensor
     curvature: Tensor
+    rows: int = 0
 
     def _apply(self, x: Tensor, power: float) -> Tensor:
         """``M^power · x`` for ``x [..., P]``."""
         g = self.gamma**power
         coef = self.curvature.pow(power) - g  # [k]
-        return g * x + ((x @ self.basis) * coef) @ self.basis.T
+        proj = group_matmul(x, self.basis, self.rows) * coef
+        return g * x + group_matmul(proj, self.basis.T, self.rows)
 
     def inverse(self, x: Tensor) -> Tensor:
         return self._apply(x, -1.0)
@@ -63,9 +67,24 @@ class LowRankMass(NamedTuple):
         return int(self.basis.shape[1])
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LowRankMass:
-        return LowRankMass(
-            self.gamma, self.basis.to(device, dtype), self.curvature.to(device, dtype)
+        return self._replace(
+            basis=self.basis.to(device, dtype), curvature=self.curvature.to(device, dtype)
         )
+
+
+def group_matmul(x: Tensor, m: Tensor, rows: int = 0) -> Tensor:
+    """``x @ m`` for a chain group ``x [G, P]``, computed as if the group had ``rows`` rows.
+
+    A matrix product's rounding depends on its shape (BLAS picks other kernels and blockings for
+    2 rows than for 8), so chain ``c`` would round differently in a group of 2 than in the
+    single-process group of all ``C`` chains. A process of a chain-parallel run pads its group
+    with zero rows up to ``C``: the same kernel, so each row is bit for bit the single-process
+    one, at the single-process cost of the product.
+    """
+    g = x.shape[0] if x.dim() == 2 else rows
+    if g >= rows:
+        return x @ m
+    return (torch.cat([x, x.new_zeros(rows - g, x.shape[1])]) @ m)[:g]
 
 
 def flatten(params: Params, chain_dim: bool = True) -> Tensor:

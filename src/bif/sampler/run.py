@@ -9,7 +9,6 @@ number of chains, give chain ``c`` the same trajectory.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -20,18 +19,20 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from bif import checkpoint, stopping
+from bif import checkpoint, distributed, stopping
 from bif.config import AUTO_FIELDS, BIFConfig
 from bif.data import DataSource, stack_chain_batches
-from bif.errors import ConfigError, DivergenceError
-from bif.estimator import Moments, init_moments, update_moments
+from bif.distributed import Partition
+from bif.errors import ConfigError
+from bif.estimator import Moments
 from bif.functional import FunctionalModel, Params, mean_loss_and_grad, per_chain
 from bif.lm.task import is_token_task
-from bif.mcse import Blocks, init_blocks, update_blocks
+from bif.mcse import Blocks
 from bif.observables import Evaluator, query_observables, train_losses
 from bif.posterior import LocalPosterior
-from bif.sampler import kinetic, rmsprop, sgld
+from bif.sampler import divergence, kinetic, rmsprop, sgld
 from bif.sampler.mass import LowRankMass
+from bif.sampler.recorder import Recorder
 from bif.sampler.rng import ChainRandom
 from bif.task import Task
 from bif.tokens import TokenTraces
@@ -54,27 +55,8 @@ class RunOutput:
     stop: dict[str, Any] | None = None  # num_draws='auto': why and when the run stopped
 
 
-# A draw whose energy U(w) - U(w*) exceeds this many times (P + 10) is a runaway chain. Under the
-# target, U(w) - U(w*) <= U(w) - min U, which is about P/2 (at most ~P for a log-concave
-# posterior, with O(sqrt P) spread); only an unstable sampler (or minibatch noise heating the
-# chain ~1000-fold) gets near the bound. Without it an exploding chain can stay finite for many
-# steps and be averaged in as scores of 1e50.
-ENERGY_FACTOR = 1e3
-
-
-def _divergence(
-    chains: list[int], bad: Tensor, step: int, what: str, cfg: BIFConfig, why: str = ""
-) -> None:
-    c = chains[int(bad.nonzero()[0, 0])]
-    why = why or f"the {what} became NaN/inf"
-    raise DivergenceError(
-        f"chain {c} diverged at sampler step {step}: {why}. Nothing from that "
-        f"draw entered the estimates. Lower step_size (now {cfg.step_size:g}; try "
-        f"{cfg.step_size / 10:g}), or raise gamma (now {cfg.gamma:g}) or lower nbeta "
-        f"(now {cfg.nbeta:g}) to make the posterior better conditioned.",
-        chain=c,
-        step=step,
-    )
+# What an adaptive check needs of every chain (the token traces stay where they are).
+_CHECK_TENSORS = ("moments.", "blocks.", "draw_loss", "query_trace")
 
 
 def run_chains(
@@ -90,6 +72,7 @@ def run_chains(
     mass: LowRankMass | None = None,
     saddle: tuple[Tensor, Tensor] | None = None,
     desc: str = "BIF sampling",
+    partition: Partition | None = None,
 ) -> RunOutput:
     """Sample ``cfg.num_chains`` chains and stream their draws into per-chain moments.
 
@@ -97,6 +80,9 @@ def run_chains(
     negatively curved directions (:func:`bif.auto.resolve_auto` builds both).
     With ``run_dir``, the state is saved every ``checkpoint_every`` draws and at the end of each
     chain group; a later call with the same config and model resumes from it.
+    With a ``partition`` (:func:`bif.distributed.partition`) this process runs only its own
+    chains, checkpoints them in its own file and, at the end, fetches the other processes'
+    rows: every process returns the output of all chains.
     """
     unresolved = [k for k in AUTO_FIELDS if getattr(cfg, k) == "auto"]
     if unresolved:
@@ -106,12 +92,13 @@ def run_chains(
     device = fmodel.device
     C, D, T = cfg.num_chains, cfg.draws_capacity, cfg.steps_per_chain
     N, Q = len(train), len(query)
+    part = partition or distributed.single(C)
     vm = cfg.vmap_chains
-    groups = [list(range(C))] if vm else [[c] for c in range(C)]
+    groups = [part.chains] if vm else [[c] for c in part.chains]
     tokens = is_token_task(task)
     eval_train = Evaluator(fmodel, task, train, train_losses, cfg.chunk_size, vm, tokens)
     eval_query = Evaluator(fmodel, task, query, query_observables, cfg.chunk_size, vm, tokens)
-    token_train = token_query = None
+    token_sizes = None
     if tokens:
         kn, kq = len(eval_train.token_index), len(eval_query.token_index)
         mb = C * D * (kn + kq) * 4 / 2**20
@@ -121,8 +108,7 @@ def run_chains(
                 f"{mb:.0f} MB (max_token_trace_mb={cfg.max_token_trace_mb:g}); attribute fewer "
                 "sequences or positions (loss_mask), take fewer draws, or raise the limit."
             )
-        token_train = torch.full((C, D, kn), math.nan, dtype=torch.float32)
-        token_query = torch.full((C, D, kq), math.nan, dtype=torch.float32)
+        token_sizes = (kn, kq)
     w_star_1 = {k: v.unsqueeze(0) for k, v in fmodel.w_star.items()}
     grad_star = None
     if cfg.center_gradient:
@@ -133,48 +119,49 @@ def run_chains(
     if saddle is not None:
         ref = next(iter(fmodel.w_star.values()))
         saddle = (saddle[0].to(device, ref.dtype), saddle[1].to(device, ref.dtype))
-    posterior = LocalPosterior(cfg.nbeta, cfg.gamma, fmodel.w_star, grad_star, saddle)
+    # A process of a chain-parallel run computes its group's products as if it held all C
+    # chains (bif.sampler.mass.group_matmul): the single-process rounding, bit for bit.
+    rows = C if part.distributed and vm else 0
+    if mass is not None:
+        mass = mass._replace(rows=rows)
+    posterior = LocalPosterior(cfg.nbeta, cfg.gamma, fmodel.w_star, grad_star, saddle, rows)
     energy_star = float(posterior.potential(w_star_1, eval_train(w_star_1).double().mean(1)))
-    max_energy = ENERGY_FACTOR * (fmodel.num_params + 10)
     full_batch = cfg.batch_size is None or cfg.batch_size >= N
     grad_fn = per_chain(
         mean_loss_and_grad(fmodel, task.loss), vm, batch_in_dim=None if full_batch else 0
     )
 
-    moments = init_moments(C, N, Q, device)
     slots = block_slots(cfg, N, Q)
     first = cfg.check_every if cfg.adaptive else D  # blocks double as the run grows
-    blocks = init_blocks(C, slots, N, Q, -(-first // slots), device) if slots else None
-    train_index = trace_index(N, cfg.trace_sample)
-    train_trace = torch.full((C, D, len(train_index)), math.nan, dtype=torch.float64)
-    draw_loss = torch.full((C, D), math.nan, dtype=torch.float64)
-    step_loss = torch.full((C, T), math.nan, dtype=torch.float64)
-    query_trace = torch.full((C, D, Q), math.nan, dtype=torch.float64)
-    energy_trace = torch.full((C, D), math.nan, dtype=torch.float64)
+    rec = Recorder(
+        (C, D, T, N, Q), device, slots, -(-first // slots) if slots else 0,
+        trace_index(N, cfg.trace_sample), token_sizes,
+    )  # fmt: skip
     done_groups: list[int] = []
     stop: dict[str, Any] | None = None
     seconds_before = 0.0  # sampling time of the processes before a resume
     resume_group: dict[str, Any] | None = None
     saved: dict[str, Tensor] = {}
     config_dict = cfg.to_dict()
+    owners = [part.owner(r) for r in range(part.world)]
+    names = [checkpoint.state_file((o.start, o.stop)) for o in owners]
+    state_name = names[part.rank] if part.distributed else checkpoint.STATE_FILE
+    siblings = tuple(n for r, n in enumerate(names) if part.distributed and r != part.rank)
     if run_dir is not None:
-        loaded = checkpoint.load(run_dir, config_dict, identity)
+        loaded = checkpoint.load(run_dir, config_dict, identity, state_name, siblings)
         if loaded is not None:
             saved, meta = loaded
-            moments = Moments(*(saved[f"moments.{f}"].to(device) for f in Moments._fields))
-            draw_loss, step_loss = saved["draw_loss"], saved["step_loss"]
-            query_trace, energy_trace = saved["query_trace"], saved["energy"]
-            train_trace = saved["train_trace"]
-            if blocks is not None:
-                blocks = Blocks(*(saved[f"blocks.{f}"].to(device) for f in Blocks._fields))
-            if tokens:
-                token_train, token_query = saved["token_train"], saved["token_query"]
+            rec.load(saved, part.rows)
             done_groups = meta["done_groups"]
             resume_group = meta.get("active")
             stop = meta.get("stop")
             seconds_before = float(meta.get("seconds", 0.0))
             log.info("resuming from %s: %d chain group(s) done", run_dir, len(done_groups))
     resumed = bool(saved)
+    checked = _checks_made(part, cfg, done_groups, resume_group, stop, D)
+    if part.distributed and cfg.adaptive:
+        # A stop that any rank recorded holds for all (it was decided on rank 0 for every one).
+        stop = distributed.first_not_none(stop)
     started = time.monotonic()
 
     def elapsed() -> float:
@@ -183,14 +170,6 @@ def run_chains(
     def save(active: dict[str, Any] | None, extra: dict[str, Tensor]) -> None:
         if run_dir is None:
             return
-        tensors = {f"moments.{f}": t for f, t in zip(Moments._fields, moments, strict=True)}
-        tensors.update(draw_loss=draw_loss, step_loss=step_loss, query_trace=query_trace)
-        tensors.update(energy=energy_trace, train_trace=train_trace)
-        if blocks is not None:
-            tensors.update({f"blocks.{f}": t for f, t in zip(Blocks._fields, blocks, strict=True)})
-        if token_train is not None and token_query is not None:
-            tensors.update(token_train=token_train, token_query=token_query)
-        tensors.update(extra)
         meta = {
             "config": config_dict,
             "identity": identity,
@@ -199,11 +178,11 @@ def run_chains(
             "stop": stop,
             "seconds": elapsed(),
         }
-        checkpoint.save(run_dir, tensors, meta)
+        checkpoint.save(run_dir, {**rec.state(part.rows), **extra}, meta, state_name)
 
     bar = tqdm(
         total=len(groups) * T,
-        disable=not progress,
+        disable=not progress or part.rank != 0,
         desc=desc,
         # In logs (no terminal) every redraw is a new chunk of text: redraw rarely there.
         mininterval=0.1 if sys.stderr.isatty() else 10.0,
@@ -211,116 +190,145 @@ def run_chains(
         dynamic_ncols=True,
     )
     bar.update(len(done_groups) * T)
-    for gi, chains in enumerate(groups):
-        if gi in done_groups:
-            continue
-        idx = torch.tensor(chains, device=device)
-        rng = ChainRandom(cfg.seed, chains, device)
-        stacked = {
-            k: v.unsqueeze(0).expand(len(chains), *v.shape).clone()
-            for k, v in fmodel.w_star.items()
-        }
-        state: Any = {"sgld": sgld.init, "rmsprop": rmsprop.init, "kinetic": kinetic.init}[
-            cfg.sampler
-        ](stacked)
-        t0 = 0
-        if resume_group is not None and resume_group["group"] == gi:
-            t0 = resume_group["step"]
-            state = _unflatten_state(state, saved, device)
-            rng.restore(saved)
-            bar.update(t0)
-
-        def snapshot(step: int, state: Any = None, rng: ChainRandom = rng, gi: int = gi) -> None:
-            extra = _flatten_state(state)
-            extra.update(rng.states())
-            save({"group": gi, "step": step}, extra)
-
-        last_save = time.monotonic()
-        for t in range(t0, T):
-            if full_batch:
-                grads, loss = _full_batch_grad(grad_fn, state.params, eval_train.chunks(), N)
-            else:
-                batch = train.batch(rng.indices(N, cfg.batch_size))
-                grads, loss = grad_fn(state.params, stack_chain_batches(batch, len(chains)))
-            if not bool(torch.isfinite(loss).all()):
-                _divergence(chains, ~torch.isfinite(loss), t, "training loss", cfg)
-            noise = rng.normal_like(state.params)
-            pgrad = posterior.potential_grad(state.params, grads)
-            if cfg.sampler == "sgld":
-                state, _ = sgld.step(state, pgrad, noise, cfg.step_size)
-            elif cfg.sampler == "kinetic":
-                state, _ = kinetic.step(state, pgrad, noise, cfg.step_size, cfg.friction, mass)
-            else:
-                state, _ = rmsprop.step(
-                    state, pgrad, grads, noise, cfg.step_size, cfg.rmsprop_alpha, cfg.rmsprop_eps
-                )
-            step_loss[chains, t] = loss.detach().to("cpu", torch.float64)
-            bar.update(1)
-            k = t + 1 - cfg.num_burnin
-            if k <= 0 or k % cfg.thin:
+    try:
+        for gi, chains in enumerate(groups):
+            if gi in done_groups:
                 continue
-            d = k // cfg.thin - 1
-            (a, a_tok), (b, b_tok) = (
-                eval_train.evaluate(state.params),
-                eval_query.evaluate(state.params),
-            )
-            finite = torch.isfinite(a).all(1) & torch.isfinite(b).all(1)
-            if not bool(finite.all()):
-                _divergence(chains, ~finite, t, "evaluated losses", cfg)
-            energy = posterior.potential(state.params, a.double().mean(1)) - energy_star  # [G]
-            if bool((energy > max_energy).any()):
-                e = float(energy.max())
-                _divergence(
-                    chains, energy > max_energy, t, "energy", cfg,
-                    f"its energy nβ·(L_n(w) - L_n(w*)) + γ/2·||w - w*||² = {e:.3g} exceeds "
-                    f"{max_energy:.3g} = {ENERGY_FACTOR:g}·(P + 10) with P = {fmodel.num_params} "
-                    "sampled parameters (about P/2 is expected under the posterior); the chain "
-                    "is running away (with minibatches, a larger batch_size also helps)",
-                )  # fmt: skip
-            update_moments(moments, idx, a, b, inplace=True)
-            if blocks is not None:
-                update_blocks(blocks, idx, d, a, b)
-            train_trace[chains, d] = a[:, train_index].to("cpu", torch.float64)
-            energy_trace[chains, d] = energy.detach().to("cpu", torch.float64)
-            draw_loss[chains, d] = a.mean(1).to("cpu", torch.float64)
-            query_trace[chains, d] = b.to("cpu", torch.float64)
-            if token_train is not None and token_query is not None:
-                assert a_tok is not None and b_tok is not None
-                token_train[chains, d] = a_tok.to("cpu", torch.float32)
-                token_query[chains, d] = b_tok.to("cpu", torch.float32)
-            if d % 10 == 0:
-                bar.set_postfix(loss=f"{float(a.mean()):.4g}")
-            if cfg.adaptive and ((d + 1) % cfg.check_every == 0 or d + 1 == D):
-                stop = _adaptive_stop(
-                    moments, blocks, draw_loss, query_trace, d + 1, cfg, elapsed()
+            idx = torch.tensor(chains, device=device)
+            rng = ChainRandom(cfg.seed, chains, device)
+            state = _init_state(cfg, fmodel, len(chains))
+            t0 = 0
+            if resume_group is not None and resume_group["group"] == gi:
+                t0 = resume_group["step"]
+                state = _unflatten_state(state, saved, device)
+                rng.restore(saved)
+                bar.update(t0)
+
+            def snapshot(step: int, state: Any, rng: ChainRandom = rng, gi: int = gi) -> None:
+                save({"group": gi, "step": step}, {**_flatten_state(state), **rng.states()})
+
+            last_save = time.monotonic()
+            for t in range(t0, T):
+                if full_batch:
+                    grads, loss = _full_batch_grad(grad_fn, state.params, eval_train.chunks(), N)
+                else:
+                    batch = train.batch(rng.indices(N, cfg.batch_size))
+                    grads, loss = grad_fn(state.params, stack_chain_batches(batch, len(chains)))
+                divergence.check_step(chains, loss, t, cfg)
+                noise = rng.normal_like(state.params)
+                pgrad = posterior.potential_grad(state.params, grads)
+                state = _step(cfg, state, pgrad, grads, noise, mass)
+                rec.step(chains, t, loss)
+                bar.update(1)
+                k = t + 1 - cfg.num_burnin
+                if k <= 0 or k % cfg.thin:
+                    continue
+                d = k // cfg.thin - 1
+                (a, a_tok), (b, b_tok) = (
+                    eval_train.evaluate(state.params),
+                    eval_query.evaluate(state.params),
                 )
-                if stop is not None:
-                    break
-            if run_dir is not None and (
-                (d + 1) % checkpoint_every == 0 or time.monotonic() - last_save > 60
-            ):
-                snapshot(t + 1, state)
-                last_save = time.monotonic()
-        done_groups.append(gi)
-        save(None, {})
-    bar.close()
+                energy = posterior.potential(state.params, a.double().mean(1)) - energy_star
+                divergence.check_draw(chains, a, b, energy, t, cfg, fmodel.num_params)
+                toks = (a_tok, b_tok) if a_tok is not None and b_tok is not None else None
+                rec.draw(idx, chains, d, a, b, energy, toks)
+                if d % 10 == 0:
+                    bar.set_postfix(loss=f"{float(a.mean()):.4g}")
+                if cfg.adaptive and stop is not None:  # recorded before a resume
+                    if d + 1 >= stop["draws"]:
+                        break
+                elif cfg.adaptive and ((d + 1) % cfg.check_every == 0 or d + 1 == D):
+                    if d + 1 > checked:
+                        stop = _check_all(rec, part, owners, d + 1, cfg, elapsed())
+                    if stop is not None:
+                        break
+                if run_dir is not None and (
+                    (d + 1) % checkpoint_every == 0 or time.monotonic() - last_save > 60
+                ):
+                    snapshot(t + 1, state)
+                    last_save = time.monotonic()
+            done_groups.append(gi)
+            save(None, {})
+    except BaseException as e:
+        if part.distributed:
+            distributed.agree(e)  # tells the other ranks, then re-raises here
+        raise
+    finally:
+        bar.close()
+    if part.distributed:
+        distributed.agree()
+        rec.share(owners, distributed.exchange_rows)
     if cfg.adaptive:
         assert stop is not None
         used = stop["draws"]
-        draw_loss, query_trace = draw_loss[:, :used], query_trace[:, :used]
-        energy_trace, train_trace = energy_trace[:, :used], train_trace[:, :used]
-        step_loss = step_loss[:, : cfg.num_burnin + used * cfg.thin]
-        if token_train is not None and token_query is not None:
-            token_train, token_query = token_train[:, :used], token_query[:, :used]
+        rec.trim(used, cfg.num_burnin + used * cfg.thin)
     traces = None
-    if token_train is not None and token_query is not None:
+    if rec.token_train is not None and rec.token_query is not None:
         traces = TokenTraces(
-            token_train, token_query, eval_train.token_index, eval_query.token_index
+            rec.token_train, rec.token_query, eval_train.token_index, eval_query.token_index
         )
     return RunOutput(
-        moments, draw_loss, step_loss, query_trace, resumed, traces, energy_trace, blocks,
-        train_trace, train_index, stop,
+        rec.moments, rec.draw_loss, rec.step_loss, rec.query_trace, resumed, traces, rec.energy,
+        rec.blocks, rec.train_trace, rec.train_index, stop,
     )  # fmt: skip
+
+
+def _checks_made(
+    part: Partition, cfg: BIFConfig, done_groups: list[int],
+    active: dict[str, Any] | None, stop: dict[str, Any] | None, capacity: int,
+) -> int:  # fmt: skip
+    """Draws up to which the adaptive checks were already made before a resume.
+
+    The checks of a distributed run are collective, so a rank that resumes from an older
+    checkpoint than another must not repeat the checks the other has passed: every check up to
+    the furthest rank's draw was made (and said "go on")."""
+    if not (part.distributed and cfg.adaptive):
+        return 0
+    draws = 0
+    if done_groups:
+        draws = int((stop or {}).get("draws", capacity))
+    elif active is not None:
+        draws = max(0, active["step"] - cfg.num_burnin) // cfg.thin
+    return distributed.max_int(draws)
+
+
+def _init_state(cfg: BIFConfig, fmodel: FunctionalModel, num: int) -> Any:
+    """The sampler state of ``num`` chains, all at ``w*``."""
+    stacked = {k: v.unsqueeze(0).expand(num, *v.shape).clone() for k, v in fmodel.w_star.items()}
+    init = {"sgld": sgld.init, "rmsprop": rmsprop.init, "kinetic": kinetic.init}[cfg.sampler]
+    return init(stacked)
+
+
+def _step(
+    cfg: BIFConfig, state: Any, pgrad: Params, grads: Params, noise: Params,
+    mass: LowRankMass | None,
+) -> Any:  # fmt: skip
+    """One step of ``cfg.sampler`` from the posterior gradient ``pgrad`` (the loss gradient
+    ``grads`` feeds RMSProp's preconditioner)."""
+    if cfg.sampler == "sgld":
+        return sgld.step(state, pgrad, noise, cfg.step_size)[0]
+    if cfg.sampler == "kinetic":
+        return kinetic.step(state, pgrad, noise, cfg.step_size, cfg.friction, mass)[0]
+    return rmsprop.step(
+        state, pgrad, grads, noise, cfg.step_size, cfg.rmsprop_alpha, cfg.rmsprop_eps
+    )[0]
+
+
+def _check_all(
+    rec: Recorder, part: Partition, owners: list[slice], draws: int, cfg: BIFConfig,
+    seconds: float,
+) -> dict[str, Any] | None:  # fmt: skip
+    """An adaptive check over every chain. With several processes the others' moments are
+    fetched first, and rank 0 decides for all (its clock decides ``max_seconds``)."""
+    if part.distributed:
+        distributed.agree()
+        rec.share(owners, distributed.exchange_rows, _CHECK_TENSORS)
+    stop = None
+    if part.rank == 0:
+        stop = _adaptive_stop(
+            rec.moments, rec.blocks, rec.draw_loss, rec.query_trace, draws, cfg, seconds
+        )
+    return distributed.broadcast(stop) if part.distributed else stop
 
 
 def _adaptive_stop(

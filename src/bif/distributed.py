@@ -1,0 +1,186 @@
+"""Spreading a run over the processes of a ``torch.distributed`` group (chain-parallel).
+
+Under ``torchrun --nproc-per-node K`` (or any initialised default process group),
+:func:`bif.attribute` splits the ``C`` chains into ``K`` contiguous blocks, one per rank. Chain
+``c`` draws its noise and minibatches from its own generators seeded by ``(seed, c)``
+(:mod:`bif.sampler.rng`), so a chain's trajectory does not depend on which process runs it or
+with whom; at the end every rank fetches the other ranks' per-chain moments and traces, and the
+result is bit for bit the single-process one (with ``vmap_chains=False``, where each chain is
+its own group; vmapped groups of another size may round differently, see the README).
+
+Only rank 0 resolves the automatic settings, runs the pilot and writes the run directory's
+shared files; the others receive its config and curvature. Every rank checkpoints the chains it
+owns (``state.chains-LO-HI.safetensors``). A rank that fails tells the others at the next
+collective point (:func:`agree`), so one rank's error ends every rank with an error instead of
+a hang.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from bif.errors import BIFError, ConfigError
+
+
+class RankError(BIFError, RuntimeError):
+    """Another process of the group failed; its error message is in this one's."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Which chains each rank runs: rank ``r`` owns chains ``[bounds[r], bounds[r + 1])``."""
+
+    rank: int
+    world: int
+    bounds: tuple[int, ...]
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def rows(self) -> slice:
+        """This rank's chains as a slice of the chain dimension."""
+        return self.owner(self.rank)
+
+    def owner(self, rank: int) -> slice:
+        return slice(self.bounds[rank], self.bounds[rank + 1])
+
+    @property
+    def chains(self) -> list[int]:
+        return list(range(self.bounds[self.rank], self.bounds[self.rank + 1]))
+
+
+def single(num_chains: int) -> Partition:
+    """Every chain in this process."""
+    return Partition(0, 1, (0, num_chains))
+
+
+def active() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def partition(num_chains: int) -> Partition:
+    """The chain split over the current process group (:func:`single` without one).
+
+    Raises:
+        ConfigError: fewer chains than processes (a rank would have nothing to do).
+    """
+    if not active():
+        return single(num_chains)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if num_chains < world:
+        raise ConfigError(
+            f"num_chains={num_chains} is fewer than the {world} processes of the group: every "
+            f"process runs whole chains. Use num_chains >= {world} (a multiple of {world} "
+            "balances the work), or launch fewer processes."
+        )
+    # Contiguous, as equal as possible: the first C mod K ranks take one chain more.
+    base, extra = divmod(num_chains, world)
+    bounds = [0]
+    for r in range(world):
+        bounds.append(bounds[-1] + base + (r < extra))
+    return Partition(rank, world, tuple(bounds))
+
+
+def is_main() -> bool:
+    """Rank 0, or the only process: the one that writes results and reports."""
+    return not active() or dist.get_rank() == 0
+
+
+def _comm_device() -> torch.device:
+    # NCCL moves only CUDA tensors; gloo takes CPU ones.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(error: BaseException | None = None) -> None:
+    """A collective check point: every rank says whether it failed; if one did, all raise.
+
+    The failing rank passes its exception (and re-raises it); the others raise
+    :class:`RankError` quoting it. Outside a process group this only re-raises ``error``.
+    """
+    if not active():
+        if error is not None:
+            raise error
+        return
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(every) if m is not None]
+    if failed:
+        r, m = failed[0]
+        raise RankError(f"rank {r} of the process group failed, so this one stops too: {m}")
+
+
+def broadcast(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (tensors inside must be on the CPU)."""
+    if not active():
+        return obj
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def same_everywhere(value: str, what: str, fix: str) -> None:
+    """Check that every rank holds the same ``value`` (e.g. a digest of its model and data).
+
+    Raises:
+        ConfigError: on every rank, naming the first rank that differs from rank 0.
+    """
+    if not active():
+        return
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, value)
+    differ = [r for r, v in enumerate(every) if v != every[0]]
+    if differ:
+        raise ConfigError(
+            f"rank {differ[0]} has a different {what} than rank 0 ({every[differ[0]]} != "
+            f"{every[0]}): {fix}"
+        )
+
+
+def exchange_rows(t: Tensor, rows: slice, src: int) -> None:
+    """``t[rows]`` from rank ``src`` into every rank's ``t`` (in place)."""
+    if rows.start == rows.stop:
+        return
+    buf = t[rows].to(_comm_device()).contiguous()
+    dist.broadcast(buf, src=src)
+    if dist.get_rank() != src:
+        t[rows] = buf.to(t.device)
+
+
+def any_true(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any."""
+    if not active():
+        return flag
+    t = torch.tensor([int(flag)], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def max_int(value: int) -> int:
+    """The largest ``value`` over the ranks."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def first_not_none(obj: Any) -> Any:
+    """The first rank's ``obj`` that is not None (None if every rank's is)."""
+    if not active():
+        return obj
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, obj)
+    return next((o for o in every if o is not None), None)

@@ -1,0 +1,133 @@
+"""What the loop keeps of each draw: streaming moments, batch-means blocks and traces.
+
+The loop hands every draw to :meth:`Recorder.draw` (blackjax's ``transform(state, info)`` hook,
+specialised to what a BIF needs); adding a statistic means adding it here, not in the loop.
+Every tensor has the chain as its first dimension and holds all ``C`` chains, so a process that
+owns only some chains (:mod:`bif.distributed`) fills its own rows, checkpoints only those
+(:meth:`Recorder.state`) and fetches the others' at the end (:meth:`Recorder.share`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bif.estimator import Moments, init_moments, update_moments
+from bif.mcse import Blocks, init_blocks, update_blocks
+
+
+class Recorder:
+    """Per-chain statistics and traces of a run. C chains, D draw slots, T steps.
+
+    Attributes:
+        moments: Welford moments (:class:`bif.estimator.Moments`), on the sampling device.
+        blocks: batch-means moments (:mod:`bif.mcse`), or None when disabled.
+        draw_loss: ``[C, D]`` float64 mean attributed-train loss at each draw.
+        step_loss: ``[C, T]`` float64 minibatch (or full-batch) loss at each sampler step.
+        query_trace: ``[C, D, Q]`` float64 query observables at each draw.
+        energy: ``[C, D]`` float64 ``U(w) - U(w*)`` at each draw.
+        train_trace: ``[C, D, S]`` float64 losses of the training examples ``train_index``.
+        token_train, token_query: ``[C, D, Kn]``, ``[C, D, Kq]`` float32 per-token losses
+            (token tasks only).
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int, int, int],
+        device: torch.device,
+        slots: int,
+        first_block: int,
+        train_index: Tensor,
+        token_sizes: tuple[int, int] | None,
+    ) -> None:
+        C, D, T, N, Q = shape
+        self.train_index = train_index
+        self.moments = init_moments(C, N, Q, device)
+        self.blocks = init_blocks(C, slots, N, Q, first_block, device) if slots else None
+        nan = lambda *s, dtype=torch.float64: torch.full(s, math.nan, dtype=dtype)  # noqa: E731
+        self.draw_loss = nan(C, D)
+        self.step_loss = nan(C, T)
+        self.query_trace = nan(C, D, Q)
+        self.energy = nan(C, D)
+        self.train_trace = nan(C, D, len(train_index))
+        self.token_train = self.token_query = None
+        if token_sizes is not None:
+            self.token_train = nan(C, D, token_sizes[0], dtype=torch.float32)
+            self.token_query = nan(C, D, token_sizes[1], dtype=torch.float32)
+
+    def step(self, chains: list[int], t: int, loss: Tensor) -> None:
+        """Record the loss ``[G]`` of sampler step ``t`` of ``chains``."""
+        self.step_loss[chains, t] = loss.detach().to("cpu", torch.float64)
+
+    def draw(
+        self,
+        idx: Tensor,
+        chains: list[int],
+        d: int,
+        a: Tensor,
+        b: Tensor,
+        energy: Tensor,
+        tokens: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        """Add draw ``d`` of ``chains`` (``idx``: the same as a long tensor on the device).
+
+        Args:
+            a: train losses ``[G, N]``; b: query observables ``[G, Q]``;
+            energy: ``[G]``; tokens: per-token train ``[G, Kn]`` and query ``[G, Kq]`` losses.
+        """
+        update_moments(self.moments, idx, a, b, inplace=True)
+        if self.blocks is not None:
+            update_blocks(self.blocks, idx, d, a, b)
+        self.train_trace[chains, d] = a[:, self.train_index].to("cpu", torch.float64)
+        self.energy[chains, d] = energy.detach().to("cpu", torch.float64)
+        self.draw_loss[chains, d] = a.mean(1).to("cpu", torch.float64)
+        self.query_trace[chains, d] = b.to("cpu", torch.float64)
+        if tokens is not None:
+            assert self.token_train is not None and self.token_query is not None
+            self.token_train[chains, d] = tokens[0].to("cpu", torch.float32)
+            self.token_query[chains, d] = tokens[1].to("cpu", torch.float32)
+
+    # -- checkpoint and distribution --------------------------------------------------------
+
+    def _named(self) -> dict[str, Tensor]:
+        out = {f"moments.{f}": t for f, t in zip(Moments._fields, self.moments, strict=True)}
+        out.update(draw_loss=self.draw_loss, step_loss=self.step_loss)
+        out.update(query_trace=self.query_trace, energy=self.energy, train_trace=self.train_trace)
+        if self.blocks is not None:
+            out.update({f"blocks.{f}": t for f, t in zip(Blocks._fields, self.blocks, strict=True)})
+        if self.token_train is not None and self.token_query is not None:
+            out.update(token_train=self.token_train, token_query=self.token_query)
+        return out
+
+    def state(self, rows: slice) -> dict[str, Tensor]:
+        """The rows ``rows`` (the chains this process owns) of every tensor, for a checkpoint."""
+        return {k: v[rows] for k, v in self._named().items()}
+
+    def load(self, saved: dict[str, Tensor], rows: slice) -> None:
+        """Inverse of :meth:`state`: fill rows ``rows`` from a checkpoint."""
+        for k, v in self._named().items():
+            v[rows] = saved[k].to(v.device)
+
+    def share(
+        self, owners: list[slice], exchange: Any, prefixes: tuple[str, ...] | None = None
+    ) -> None:
+        """Fill every row from the process that owns it: ``exchange(tensor, rows, src)``
+        broadcasts ``tensor[rows]`` from rank ``src`` into every process's copy. Only the
+        tensors whose names start with one of ``prefixes``, if given."""
+        for name, t in self._named().items():
+            if prefixes is not None and not name.startswith(prefixes):
+                continue
+            for src, rows in enumerate(owners):
+                exchange(t, rows, src)
+
+    def trim(self, used: int, steps: int) -> None:
+        """Keep the first ``used`` draws and ``steps`` steps (an adaptive run that stopped)."""
+        self.draw_loss, self.query_trace = self.draw_loss[:, :used], self.query_trace[:, :used]
+        self.energy, self.train_trace = self.energy[:, :used], self.train_trace[:, :used]
+        self.step_loss = self.step_loss[:, :steps]
+        if self.token_train is not None and self.token_query is not None:
+            self.token_train = self.token_train[:, :used]
+            self.token_query = self.token_query[:, :used]
