@@ -23,6 +23,14 @@ def child(run_dir: str) -> None:
     bif.attribute(model, train, query, run_dir=run_dir, checkpoint_every=1, **KILL)
 
 
+def lm_child(run_dir: str) -> None:
+    """The tiny causal LM of test_lm with per-token traces on disk (killed by test_tracestore)."""
+    from test_tracestore import LM_KILL, lm_problem
+
+    model, train, query = lm_problem()
+    bif.attribute(model, train, query, run_dir=run_dir, checkpoint_every=1, **LM_KILL)
+
+
 def _warm_up() -> None:
     model, train, query = make_problem()
     bif.attribute(model, train, query, **dict(KILL, num_draws=2, num_burnin=0))

@@ -198,7 +198,7 @@ def test_margin_observable(data) -> None:
     torch.testing.assert_close(rl.query_star, loss.double(), rtol=1e-6, atol=1e-6)
     # Same trajectories, other observable: train-side quantities agree, query side does not.
     assert torch.equal(r.step_loss, rl.step_loss) and torch.equal(r.draw_loss, rl.draw_loss)
-    assert not torch.allclose(r.scores, rl.scores)
+    assert not torch.allclose(r.scores, rl.scores, rtol=1e-3, atol=0)  # scores are ~1e-9 here
 
 
 def test_callable_observable(data) -> None:

@@ -215,3 +215,53 @@ def test_resume_rejects_other_model(problem, tmp_path) -> None:
     x, y = train
     with pytest.raises(ArtifactError, match=r"different training data"):
         bif.attribute(model, (x[:-1], y[:-1]), query, run_dir=tmp_path, **KW)
+
+
+# -- fused evaluation ------------------------------------------------------------------------
+
+
+def _fused_and_separate(monkeypatch, *args: Any, **kw: Any) -> tuple[bif.BIFResult, bif.BIFResult]:
+    import bif.sampler.run as run_mod
+
+    fused = bif.attribute(*args, **kw)
+    monkeypatch.setattr(run_mod, "FUSED", False)
+    separate = bif.attribute(*args, **kw)
+    monkeypatch.undo()
+    return fused, separate
+
+
+@pytest.mark.parametrize("vmap", [True, False])
+@pytest.mark.parametrize("thin", [1, 2])
+def test_fused_evaluation_equals_a_separate_forward(problem, monkeypatch, vmap, thin) -> None:
+    """A draw's training losses taken from the next step's gradient pass are bit for bit those
+    of a separate forward pass at the draw (the slow twin), with the mass and centring on."""
+    model, train, query = problem
+    kw = dict(KW, vmap_chains=vmap, thin=thin, sampler="kinetic", precondition_rank=4)
+    fused, separate = _fused_and_separate(monkeypatch, model, train, query, **kw)
+    assert_identical(fused, separate)
+    assert torch.equal(fused.train_trace, separate.train_trace)
+    assert torch.equal(fused.energy, separate.energy)
+
+
+def test_fused_evaluation_equals_a_separate_forward_lm(monkeypatch) -> None:
+    """Per-token losses from the gradient pass of a causal LM equal the separate evaluation's."""
+    from bif.lm import CausalLMTask
+    from test_lm import FAST, TinyLM
+    from test_lm import _data as lm_data
+
+    train, query = lm_data()
+    kw = dict(FAST, task=CausalLMTask(), chunk_size=4)
+    fused, separate = _fused_and_separate(monkeypatch, TinyLM().eval(), train, query, **kw)
+    assert_identical(fused, separate)
+    assert fused.tokens is not None and separate.tokens is not None
+    assert torch.equal(fused.tokens.train, separate.tokens.train)
+    assert torch.equal(fused.tokens.query, separate.tokens.query)
+
+
+def test_fused_adaptive_stop_equals_separate(problem, monkeypatch) -> None:
+    """num_draws='auto' stops at the same draw with the same record either way."""
+    model, train, query = problem
+    kw = dict(KW, num_draws="auto", check_every=4, max_draws=12, stderr_blocks=2, thin=1)
+    fused, separate = _fused_and_separate(monkeypatch, model, train, query, **kw)
+    assert_identical(fused, separate)
+    assert fused.meta["adaptive"]["draws"] == separate.meta["adaptive"]["draws"]

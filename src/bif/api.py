@@ -125,7 +125,11 @@ def attribute(
         )
         model.eval()
     try:
-        part = distributed.partition(cfg.num_chains)
+        group = distributed.active()  # inside a torch.distributed group of > 1 processes
+        chains = cfg.parallel == "chains"
+        part = (
+            distributed.partition(cfg.num_chains) if chains else distributed.single(cfg.num_chains)
+        )
         try:
             fwd = getattr(torch, cfg.forward_dtype) if cfg.forward_dtype is not None else None
             fmodel = FunctionalModel(model, device, dtype, forward_dtype=fwd)
@@ -138,10 +142,10 @@ def attribute(
             ident = run_identity(model, fmodel.w_star, fmodel.fixed, the_task, *hashes)
             dig = digest(ident)
         except BaseException as e:
-            if part.distributed:
+            if group:
                 distributed.agree(e)  # the other ranks stop too instead of waiting for this one
             raise
-        if part.distributed:
+        if group:
             distributed.agree()
             _same_run_everywhere(dig, requested)
         t0 = time.perf_counter()
@@ -168,9 +172,9 @@ def attribute(
                 shared = (cfg, curv)
             except BaseException as e:
                 failure = e
-                if not part.distributed:
+                if not group:
                     raise
-        if part.distributed:
+        if group:
             distributed.agree(failure)
             got = distributed.broadcast(
                 (shared[0], curvature_to(shared[1], "cpu")) if shared else None
@@ -179,7 +183,7 @@ def attribute(
         out = run_chains(
             fmodel, the_task, train_src, query_src, cfg, progress=progress, run_dir=rd,
             checkpoint_every=checkpoint_every, identity=dig, mass=curv.mass,
-            saddle=curv.saddle, partition=part,
+            saddle=curv.saddle, partition=part if group else None,
         )  # fmt: skip
         wall = time.perf_counter() - t0
     finally:
@@ -208,7 +212,8 @@ def attribute(
         "preconditioner": curv.info,
         "sampling_seconds": wall,
         "resumed": out.resumed,
-        "processes": part.world,
+        "processes": distributed.world_size(),
+        "parallel": cfg.parallel if group else None,
         "identity": dig,
         "model_was_training": was_training,
         "per_token": out.tokens is not None,

@@ -121,6 +121,12 @@ class BIFConfig:
     rmsprop_eps: float = _f(0.1, "RMSProp ε in the preconditioner 1/(sqrt(V)+ε)")
     chunk_size: int = _f(512, "examples per forward pass when evaluating losses at a draw")
     vmap_chains: bool = _f(True, "run all chains at once with torch.func.vmap (False: one by one)")
+    parallel: Literal["chains", "data"] = _f(
+        "chains",
+        "inside a torch.distributed process group (torchrun): 'chains' splits the chains over "
+        "the processes (the one-process result bit for bit); 'data' splits the training set "
+        "and all-reduces the gradient (large N; equal up to float64 summation order)",
+    )
     centering: Centering = _f(
         "chain", "'chain': average per-chain covariances; 'pooled': one covariance of all draws"
     )

@@ -232,6 +232,18 @@ class DataSource:
             out._dataset = Subset(self._dataset, range(out._len))
         return out
 
+    def slice(self, start: int, stop: int) -> DataSource:
+        """Examples ``start .. stop - 1`` (same device, dtype and collation)."""
+        out = copy.copy(self)
+        start, stop = max(0, start), min(stop, self._len)
+        out._len = max(0, stop - start)
+        if self._tensors is not None:
+            out._tensors = tuple(t[start:stop] for t in self._tensors)
+        else:
+            assert self._dataset is not None
+            out._dataset = Subset(self._dataset, range(start, stop))
+        return out
+
     def batch(self, index: Tensor) -> Batch:
         """Examples ``index`` (1-D long tensor) collated into one batch on the device."""
         if self._tensors is not None:

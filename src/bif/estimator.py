@@ -45,7 +45,7 @@ def init_moments(
 
 
 def update_moments(
-    m: Moments, chains: Tensor, a: Tensor, b: Tensor, inplace: bool = False
+    m: Moments, chains: Tensor | slice, a: Tensor, b: Tensor, inplace: bool = False
 ) -> Moments:
     """Add one draw for each chain in ``chains`` (Welford's update).
 
@@ -54,7 +54,9 @@ def update_moments(
 
     Args:
         m: current moments.
-        chains: long tensor [G] of distinct chain indices receiving a draw.
+        chains: long tensor [G] of distinct chain indices receiving a draw, or a slice of
+            them (the loop's contiguous groups: every update is then in place on views, one
+            pass over the co-moment and no gather/scatter copies).
         a: train losses [G, N] at the draw.
         b: query observables [G, Q] at the draw.
     """
@@ -62,6 +64,18 @@ def update_moments(
         m = Moments(*(t.clone() for t in m))
     a = a.to(torch.float64)
     b = b.to(torch.float64)
+    if isinstance(chains, slice):
+        count, mean_a, mean_b = m.count[chains], m.mean_a[chains], m.mean_b[chains]
+        count += 1
+        n = count.unsqueeze(-1)  # [G, 1]
+        da, db = a - mean_a, b - mean_b
+        mean_a += da / n
+        mean_b += db / n
+        m.m2_a[chains] += da * (a - mean_a)
+        m.m2_b[chains] += db * (b - mean_b)
+        # Co-moment: old deviation of one variable times new deviation of the other (exact).
+        m.comoment[chains].addcmul_(db.unsqueeze(-1), (a - mean_a).unsqueeze(-2))
+        return m
     m.count[chains] += 1
     n = m.count[chains].unsqueeze(-1)  # [G, 1]
     da = a - m.mean_a[chains]
@@ -72,8 +86,10 @@ def update_moments(
     m.mean_b[chains] = new_mean_b
     m.m2_a[chains] += da * (a - new_mean_a)
     m.m2_b[chains] += db * (b - new_mean_b)
-    # Co-moment: old deviation of one variable times new deviation of the other (exact).
-    m.comoment[chains] += db.unsqueeze(-1) * (a - new_mean_a).unsqueeze(-2)
+    # The same arithmetic as the slice path (addcmul rounds as one fused step).
+    m.comoment[chains] = m.comoment[chains].addcmul_(
+        db.unsqueeze(-1), (a - new_mean_a).unsqueeze(-2)
+    )
     return m
 
 

@@ -138,3 +138,24 @@ def mean_loss_and_grad(
         return per_sample_loss(fmodel.model_fn(params), batch).mean()
 
     return grad_and_value(mean_loss)
+
+
+def mean_loss_grad_and_losses(
+    fmodel: FunctionalModel,
+    losses: Callable[[Callable, Any], Tensor],
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Callable[[Params, Any], tuple[Params, tuple[Tensor, Tensor]]]:
+    """``(params, batch) -> (∇ mean loss, (mean loss, values))`` for one chain: the gradient of
+    :func:`mean_loss_and_grad` and, from the same forward pass, the per-example ``values``
+    (``[B]``, or ``[B, S]`` per-token losses that ``reduce`` sums to the per-example loss).
+
+    The sampling loop's training losses at a draw are these values of the next step's
+    gradient pass (the fused evaluation), instead of a second forward pass at the draw.
+    """
+
+    def mean_loss(params: Params, batch: Any) -> tuple[Tensor, Tensor]:
+        v = losses(fmodel.model_fn(params), batch)
+        per = v if reduce is None else reduce(v)
+        return per.mean(), v.detach()
+
+    return grad_and_value(mean_loss, has_aux=True)

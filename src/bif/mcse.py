@@ -85,23 +85,35 @@ def _merge_pairs(bl: Blocks, rows: Tensor) -> None:
     bl.length[rows] *= 2
 
 
-def update_blocks(bl: Blocks, chains: Tensor, draw: int, a: Tensor, b: Tensor) -> None:
+def update_blocks(bl: Blocks, chains: Tensor | slice, draw: int, a: Tensor, b: Tensor) -> None:
     """Add draw number ``draw`` (0-based, the same for every chain in ``chains``) in place.
 
     Args:
         bl: the blocks (modified in place, like the loop's moments).
-        chains: long tensor [G] of chain indices that share ``draw`` and the block length.
+        chains: long tensor [G] of chain indices that share ``draw`` and the block length, or
+            a slice of them (in place on views, as in :func:`bif.estimator.update_moments`).
         draw: index of this draw in each of those chains.
         a: train losses [G, N]; b: query observables [G, Q].
     """
     a = a.to(torch.float64)
     b = b.to(torch.float64)
     slots = bl.count.shape[1]
-    length = int(bl.length[chains[0]])
+    first = chains.start if isinstance(chains, slice) else chains[0]
+    length = int(bl.length[first])
     while draw // length >= slots:
         _merge_pairs(bl, chains)
         length *= 2
     k = draw // length
+    if isinstance(chains, slice):
+        count, mean_a, mean_b = bl.count[chains, k], bl.mean_a[chains, k], bl.mean_b[chains, k]
+        count += 1
+        n = count.unsqueeze(-1)  # [G, 1]
+        da, db = a - mean_a, b - mean_b
+        mean_a += da / n
+        mean_b += db / n
+        bl.m2_a[chains, k] += da * (a - mean_a)
+        bl.comoment[chains, k].addcmul_(db.unsqueeze(-1), (a - mean_a).unsqueeze(-2))
+        return
     bl.count[chains, k] += 1
     n = bl.count[chains, k].unsqueeze(-1)  # [G, 1]
     da = a - bl.mean_a[chains, k]
@@ -110,7 +122,9 @@ def update_blocks(bl: Blocks, chains: Tensor, draw: int, a: Tensor, b: Tensor) -
     bl.mean_a[chains, k] = new_a
     bl.mean_b[chains, k] = bl.mean_b[chains, k] + db / n
     bl.m2_a[chains, k] += da * (a - new_a)
-    bl.comoment[chains, k] += db.unsqueeze(-1) * (a - new_a).unsqueeze(-2)
+    bl.comoment[chains, k] = bl.comoment[chains, k].addcmul_(
+        db.unsqueeze(-1), (a - new_a).unsqueeze(-2)
+    )
 
 
 class BatchVariance(NamedTuple):

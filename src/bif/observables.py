@@ -90,9 +90,17 @@ class Evaluator:
         chunks = self.chunks()
         if not self.tokens:
             return torch.cat([self._fn(params, b) for b in chunks], dim=1), None
+        return self.assemble([self._fn(params, b) for b in chunks])
+
+    def assemble(self, values: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """Per-chunk values (``[G, B]``, or ``[G, B, S]`` token losses in token mode) ->
+        what :meth:`evaluate` returns. The fused loop passes the values of its gradient pass."""
+        if not self.tokens:
+            return torch.cat(values, dim=1), None
+        self.chunks()
         seq, tok = [], []
-        for b, m in zip(chunks, self._masks, strict=True):
-            t = self._fn(params, b).float()  # [G, B, S]
+        for v, m in zip(values, self._masks, strict=True):
+            t = v.float()  # [G, B, S]
             seq.append(torch.where(m, t, 0).double().sum(-1))
             tok.append(t[:, m])
         return torch.cat(seq, dim=1), torch.cat(tok, dim=1)

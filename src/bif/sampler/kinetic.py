@@ -99,11 +99,14 @@ def _step_with_mass(
     s: float,
     mass: LowRankMass,
 ) -> tuple[KineticState, SGLDInfo]:
-    """The same BAOAB step with momentum ``v ~ N(0, M)`` on flat ``[C, P]`` vectors."""
+    """The same BAOAB step with momentum ``v ~ N(0, M)`` on flat ``[C, P]`` vectors.
+
+    The two half drifts ``w += h/2·M⁻¹v`` (before and after the O step) are one
+    ``w += h/2·M⁻¹(v₁ + v₂)``: M⁻¹ is linear, so one application instead of two (the low-rank
+    products dominate a step's overhead for large P)."""
     kick = h * flatten(potential_grad)
-    v = flatten(state.momentum) - kick
-    w = flatten(state.params) + 0.5 * h * mass.inverse(v)
-    v = c * v + s * mass.sqrt(flatten(noise))
-    w = w + 0.5 * h * mass.inverse(v)
+    v1 = flatten(state.momentum) - kick
+    v = c * v1 + s * mass.sqrt(flatten(noise))
+    w = flatten(state.params) + 0.5 * h * mass.inverse(v1 + v)
     like = state.params
     return KineticState(unflatten(w, like), unflatten(v, like)), SGLDInfo(kick.pow(2).sum())

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from bif.estimator import Moments, init_moments, update_moments
 from bif.mcse import Blocks, init_blocks, update_blocks
+from bif.tracestore import TraceStore
 
 
 class Recorder:
@@ -30,8 +31,9 @@ class Recorder:
         query_trace: ``[C, D, Q]`` float64 query observables at each draw.
         energy: ``[C, D]`` float64 ``U(w) - U(w*)`` at each draw.
         train_trace: ``[C, D, S]`` float64 losses of the training examples ``train_index``.
-        token_train, token_query: ``[C, D, Kn]``, ``[C, D, Kq]`` float32 per-token losses
-            (token tasks only).
+        token_store: the per-token train ``[C, D, Kn]`` and query ``[C, D, Kq]`` float32
+            losses on disk (:class:`bif.tracestore.TraceStore`; token tasks only);
+            :attr:`token_train` / :attr:`token_query` read them.
     """
 
     def __init__(
@@ -41,7 +43,7 @@ class Recorder:
         slots: int,
         first_block: int,
         train_index: Tensor,
-        token_sizes: tuple[int, int] | None,
+        token_store: tuple[TraceStore, TraceStore] | None,
     ) -> None:
         C, D, T, N, Q = shape
         self.train_index = train_index
@@ -53,10 +55,8 @@ class Recorder:
         self.query_trace = nan(C, D, Q)
         self.energy = nan(C, D)
         self.train_trace = nan(C, D, len(train_index))
-        self.token_train = self.token_query = None
-        if token_sizes is not None:
-            self.token_train = nan(C, D, token_sizes[0], dtype=torch.float32)
-            self.token_query = nan(C, D, token_sizes[1], dtype=torch.float32)
+        self.token_store = token_store
+        self.used = D  # draws per chain returned (fewer after an adaptive stop)
 
     def step(self, chains: list[int], t: int, loss: Tensor) -> None:
         """Record the loss ``[G]`` of sampler step ``t`` of ``chains``."""
@@ -78,17 +78,29 @@ class Recorder:
             a: train losses ``[G, N]``; b: query observables ``[G, Q]``;
             energy: ``[G]``; tokens: per-token train ``[G, Kn]`` and query ``[G, Kq]`` losses.
         """
-        update_moments(self.moments, idx, a, b, inplace=True)
+        # A group is a contiguous block of chains: slices update the statistics in place.
+        contiguous = chains == list(range(chains[0], chains[0] + len(chains)))
+        rows = slice(chains[0], chains[0] + len(chains)) if contiguous else idx
+        update_moments(self.moments, rows, a, b, inplace=True)
         if self.blocks is not None:
-            update_blocks(self.blocks, idx, d, a, b)
+            update_blocks(self.blocks, rows, d, a, b)
         self.train_trace[chains, d] = a[:, self.train_index].to("cpu", torch.float64)
         self.energy[chains, d] = energy.detach().to("cpu", torch.float64)
         self.draw_loss[chains, d] = a.mean(1).to("cpu", torch.float64)
         self.query_trace[chains, d] = b.to("cpu", torch.float64)
         if tokens is not None:
-            assert self.token_train is not None and self.token_query is not None
-            self.token_train[chains, d] = tokens[0].to("cpu", torch.float32)
-            self.token_query[chains, d] = tokens[1].to("cpu", torch.float32)
+            assert self.token_store is not None
+            self.token_store[0].write(chains, d, tokens[0])
+            self.token_store[1].write(chains, d, tokens[1])
+
+    @property
+    def token_train(self) -> Tensor | None:
+        """``[C, D, Kn]`` per-token train losses (a read-only map of the store's file)."""
+        return None if self.token_store is None else self.token_store[0].tensor(self.used)
+
+    @property
+    def token_query(self) -> Tensor | None:
+        return None if self.token_store is None else self.token_store[1].tensor(self.used)
 
     # -- checkpoint and distribution --------------------------------------------------------
 
@@ -98,18 +110,29 @@ class Recorder:
         out.update(query_trace=self.query_trace, energy=self.energy, train_trace=self.train_trace)
         if self.blocks is not None:
             out.update({f"blocks.{f}": t for f, t in zip(Blocks._fields, self.blocks, strict=True)})
-        if self.token_train is not None and self.token_query is not None:
-            out.update(token_train=self.token_train, token_query=self.token_query)
         return out
 
     def state(self, rows: slice) -> dict[str, Tensor]:
-        """The rows ``rows`` (the chains this process owns) of every tensor, for a checkpoint."""
-        return {k: v[rows] for k, v in self._named().items()}
+        """The rows ``rows`` (the chains this process owns) of every tensor, for a checkpoint.
+
+        The token traces are not in it: their store's new draws are flushed to its file (and
+        fsynced) first, and only its done-masks go into the checkpoint."""
+        out = {k: v[rows] for k, v in self._named().items()}
+        if self.token_store is not None:
+            for side, store in zip(("train", "query"), self.token_store, strict=True):
+                store.flush(sync=True)
+                out[f"tokens.done.{side}"] = store.done[rows]
+        return out
 
     def load(self, saved: dict[str, Tensor], rows: slice) -> None:
         """Inverse of :meth:`state`: fill rows ``rows`` from a checkpoint."""
         for k, v in self._named().items():
             v[rows] = saved[k].to(v.device)
+        if self.token_store is not None:
+            for side, store in zip(("train", "query"), self.token_store, strict=True):
+                done = store.done.clone()
+                done[rows] = saved[f"tokens.done.{side}"]
+                store.restore(done)
 
     def share(
         self, owners: list[slice], exchange: Any, prefixes: tuple[str, ...] | None = None
@@ -122,12 +145,24 @@ class Recorder:
                 continue
             for src, rows in enumerate(owners):
                 exchange(t, rows, src)
+        if self.token_store is not None and (prefixes is None or "tokens" in prefixes):
+            for store in self.token_store:
+                for src, rows in enumerate(owners):
+                    exchange_store(store, rows, src, exchange)
 
     def trim(self, used: int, steps: int) -> None:
         """Keep the first ``used`` draws and ``steps`` steps (an adaptive run that stopped)."""
         self.draw_loss, self.query_trace = self.draw_loss[:, :used], self.query_trace[:, :used]
         self.energy, self.train_trace = self.energy[:, :used], self.train_trace[:, :used]
         self.step_loss = self.step_loss[:, :steps]
-        if self.token_train is not None and self.token_query is not None:
-            self.token_train = self.token_train[:, :used]
-            self.token_query = self.token_query[:, :used]
+        self.used = used
+
+
+def exchange_store(store: TraceStore, rows: slice, src: int, exchange: Any) -> None:
+    """Chains ``rows`` of ``store`` from rank ``src`` into every rank's store file, through
+    ``exchange(tensor, rows, src)`` on a ``[G, D, K]`` staging copy of those rows."""
+    if rows.start == rows.stop:
+        return
+    stage = store.rows(rows)  # the owner's draws; zeros (unwritten) elsewhere
+    exchange(stage, slice(0, rows.stop - rows.start), src)
+    store.put_rows(rows, stage)

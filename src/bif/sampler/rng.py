@@ -22,16 +22,34 @@ class ChainRandom:
         self.index = [torch.Generator().manual_seed(chain_seed(seed, c) ^ 0x5EED) for c in chains]
 
     def normal_like(self, params: Params) -> Params:
-        """ξ ~ N(0, I) for chain-stacked ``params`` [G, ...], row g from chain g's generator."""
-        return {
-            k: torch.stack(
-                [
-                    torch.randn(v.shape[1:], generator=g, device=v.device, dtype=v.dtype)
-                    for g in self.noise
-                ]
-            )
-            for k, v in params.items()
-        }
+        """ξ ~ N(0, I) for chain-stacked ``params`` [G, ...], row g from chain g's generator.
+
+        One draw of all P numbers per chain (then split into the parameters' shapes as views):
+        per-step cost independent of how many tensors the model has."""
+        ref = next(iter(params.values()))
+        if any(v.dtype != ref.dtype or v.device != ref.device for v in params.values()):
+            return {
+                k: torch.stack(
+                    [
+                        torch.randn(v.shape[1:], generator=g, device=v.device, dtype=v.dtype)
+                        for g in self.noise
+                    ]
+                )
+                for k, v in params.items()
+            }
+        sizes = [v[0].numel() for v in params.values()]
+        total = sum(sizes)
+        flat = torch.stack(
+            [
+                torch.randn(total, generator=g, device=ref.device, dtype=ref.dtype)
+                for g in self.noise
+            ]
+        )  # [G, P]
+        out, i = {}, 0
+        for (k, v), n in zip(params.items(), sizes, strict=True):
+            out[k] = flat[:, i : i + n].view(v.shape)
+            i += n
+        return out
 
     def indices(self, n: int, batch_size: int) -> Tensor:
         """Minibatch indices (with replacement) for each chain, concatenated: [G·B]."""

@@ -22,20 +22,27 @@ from tqdm.auto import tqdm
 from bif import checkpoint, distributed, stopping
 from bif.config import AUTO_FIELDS, BIFConfig
 from bif.data import DataSource, stack_chain_batches
-from bif.distributed import Partition
+from bif.distributed import Partition, Shard
 from bif.errors import ConfigError
 from bif.estimator import Moments
-from bif.functional import FunctionalModel, Params, mean_loss_and_grad, per_chain
-from bif.lm.task import is_token_task
+from bif.functional import (
+    FunctionalModel,
+    Params,
+    mean_loss_and_grad,
+    mean_loss_grad_and_losses,
+    per_chain,
+)
+from bif.lm.task import CausalLMTask, is_token_task
 from bif.mcse import Blocks
 from bif.observables import Evaluator, query_observables, train_losses
 from bif.posterior import LocalPosterior
 from bif.sampler import divergence, kinetic, rmsprop, sgld
 from bif.sampler.mass import LowRankMass
-from bif.sampler.recorder import Recorder
+from bif.sampler.recorder import Recorder, exchange_store
 from bif.sampler.rng import ChainRandom
 from bif.task import Task
 from bif.tokens import TokenTraces
+from bif.tracestore import TraceStore
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,10 @@ class RunOutput:
     train_index: Tensor | None = None  # [S] which training examples train_trace follows
     stop: dict[str, Any] | None = None  # num_draws='auto': why and when the run stopped
 
+
+# The fused evaluation (a draw's training losses from the next step's gradient pass). False:
+# the slow twin, a separate forward pass at each draw; the tests check both agree exactly.
+FUSED = True
 
 # What an adaptive check needs of every chain (the token traces stay where they are).
 _CHECK_TENSORS = ("moments.", "blocks.", "draw_loss", "query_trace")
@@ -93,14 +104,49 @@ def run_chains(
     C, D, T = cfg.num_chains, cfg.draws_capacity, cfg.steps_per_chain
     N, Q = len(train), len(query)
     part = partition or distributed.single(C)
+    # parallel='data': every process runs every chain on its own slice of the training set.
+    shard = distributed.shard(N) if partition is not None and cfg.parallel == "data" else None
     vm = cfg.vmap_chains
     groups = [part.chains] if vm else [[c] for c in part.chains]
     tokens = is_token_task(task)
-    eval_train = Evaluator(fmodel, task, train, train_losses, cfg.chunk_size, vm, tokens)
+    local = train.slice(shard.start, shard.stop) if shard is not None else train
+    eval_train = Evaluator(fmodel, task, local, train_losses, cfg.chunk_size, vm, tokens)
     eval_query = Evaluator(fmodel, task, query, query_observables, cfg.chunk_size, vm, tokens)
+    train_tokens, token_widths = _train_token_index(eval_train, shard) if tokens else (None, [])
+
+    def evaluate_train(params: Params) -> tuple[Tensor, Tensor | None]:
+        """Every training example's loss [G, N] (and token losses [G, Kn]) at ``params``."""
+        a, a_tok = eval_train.evaluate(params)
+        if shard is not None:
+            a = distributed.gather_columns(a, shard.sizes)
+            if a_tok is not None:
+                a_tok = distributed.gather_columns(a_tok, token_widths)
+        return a, a_tok
+
+    def full_grad(
+        fn: Any, params: Params, keep: bool = False
+    ) -> tuple[Params, Tensor, list[Tensor] | None]:
+        """∇L_n over the whole training set: this process's slice, summed over processes;
+        with ``keep`` (a fused ``fn``) also the per-chunk values of its forward passes."""
+        g, loss, values = _full_batch_grad(fn, params, eval_train.chunks(), N, keep)
+        if shard is None:
+            return g, loss, values
+        *vals, loss = distributed.sum_over_ranks([*g.values(), loss])
+        return dict(zip(g, vals, strict=True)), loss, values
+
+    def train_values(values: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+        """What :func:`evaluate_train` returns, from a fused gradient pass's values."""
+        a, a_tok = eval_train.assemble(values)
+        if shard is not None:
+            a = distributed.gather_columns(a, shard.sizes)
+            if a_tok is not None:
+                a_tok = distributed.gather_columns(a_tok, token_widths)
+        return a, a_tok
+
     token_sizes = None
     if tokens:
-        kn, kq = len(eval_train.token_index), len(eval_query.token_index)
+        assert train_tokens is not None
+        kn, kq = len(train_tokens), len(eval_query.token_index)
         mb = C * D * (kn + kq) * 4 / 2**20
         if mb > cfg.max_token_trace_mb:
             raise ConfigError(
@@ -114,7 +160,7 @@ def run_chains(
     if cfg.center_gradient:
         # ∇L_n(w*) over the full attributed set, once (chain dim 1 broadcasts over chains).
         full_fn = per_chain(mean_loss_and_grad(fmodel, task.loss), vm, batch_in_dim=None)
-        grad_star, _ = _full_batch_grad(full_fn, w_star_1, eval_train.chunks(), N)
+        grad_star, _, _ = full_grad(full_fn, w_star_1)
         grad_star = {k: v.detach() for k, v in grad_star.items()}
     if saddle is not None:
         ref = next(iter(fmodel.w_star.values()))
@@ -125,30 +171,55 @@ def run_chains(
     if mass is not None:
         mass = mass._replace(rows=rows)
     posterior = LocalPosterior(cfg.nbeta, cfg.gamma, fmodel.w_star, grad_star, saddle, rows)
-    energy_star = float(posterior.potential(w_star_1, eval_train(w_star_1).double().mean(1)))
+    energy_star = float(posterior.potential(w_star_1, evaluate_train(w_star_1)[0].double().mean(1)))
     full_batch = cfg.batch_size is None or cfg.batch_size >= N
-    grad_fn = per_chain(
-        mean_loss_and_grad(fmodel, task.loss), vm, batch_in_dim=None if full_batch else 0
-    )
+    # Fused: a full-batch gradient pass already evaluates every training loss, so the draw's
+    # losses are taken from the next step's pass instead of a second forward at the draw.
+    fused = FUSED and full_batch and (not tokens or type(task).loss is CausalLMTask.loss)
+    if fused:
+        one = mean_loss_grad_and_losses(
+            fmodel, task.token_losses if tokens else task.loss,  # type: ignore[attr-defined]
+            (lambda t: t.sum(-1)) if tokens else None,
+        )  # fmt: skip
+    else:
+        one = mean_loss_and_grad(fmodel, task.loss)
+    grad_fn = per_chain(one, vm, batch_in_dim=None if full_batch else 0)
 
     slots = block_slots(cfg, N, Q)
     first = cfg.check_every if cfg.adaptive else D  # blocks double as the run grows
+    config_dict = cfg.to_dict()
+    owners = [part.owner(r) for r in range(part.world)]
+    names = [checkpoint.state_file((o.start, o.stop)) for o in owners]
+    state_name = names[part.rank] if part.distributed else checkpoint.STATE_FILE
+    siblings = tuple(n for r, n in enumerate(names) if part.distributed and r != part.rank)
+    # Data-parallel processes hold the same state: rank 0 writes it, and reads it for all.
+    writer = shard is None or shard.rank == 0
+    stores = None
+    if token_sizes is not None:
+        pin = {"config": config_dict, "identity": identity}
+        stem = state_name.removesuffix(".safetensors").replace("state", "tokens", 1)
+        stores = tuple(
+            TraceStore(
+                (C, D, k), run_dir / f"{stem}.{side}.f32" if run_dir and writer else None, pin,
+                buffer_draws=checkpoint_every,
+            )
+            for side, k in zip(("train", "query"), token_sizes, strict=True)
+        )  # fmt: skip
     rec = Recorder(
         (C, D, T, N, Q), device, slots, -(-first // slots) if slots else 0,
-        trace_index(N, cfg.trace_sample), token_sizes,
+        trace_index(N, cfg.trace_sample), stores,  # type: ignore[arg-type]
     )  # fmt: skip
     done_groups: list[int] = []
     stop: dict[str, Any] | None = None
     seconds_before = 0.0  # sampling time of the processes before a resume
     resume_group: dict[str, Any] | None = None
     saved: dict[str, Tensor] = {}
-    config_dict = cfg.to_dict()
-    owners = [part.owner(r) for r in range(part.world)]
-    names = [checkpoint.state_file((o.start, o.stop)) for o in owners]
-    state_name = names[part.rank] if part.distributed else checkpoint.STATE_FILE
-    siblings = tuple(n for r, n in enumerate(names) if part.distributed and r != part.rank)
     if run_dir is not None:
-        loaded = checkpoint.load(run_dir, config_dict, identity, state_name, siblings)
+        loaded = None
+        if writer:
+            loaded = checkpoint.load(run_dir, config_dict, identity, state_name, siblings)
+        if shard is not None:
+            loaded = distributed.broadcast(loaded)
         if loaded is not None:
             saved, meta = loaded
             rec.load(saved, part.rows)
@@ -168,7 +239,7 @@ def run_chains(
         return seconds_before + time.monotonic() - started
 
     def save(active: dict[str, Any] | None, extra: dict[str, Tensor]) -> None:
-        if run_dir is None:
+        if run_dir is None or not writer:
             return
         meta = {
             "config": config_dict,
@@ -182,7 +253,7 @@ def run_chains(
 
     bar = tqdm(
         total=len(groups) * T,
-        disable=not progress or part.rank != 0,
+        disable=not progress or not distributed.is_main(),
         desc=desc,
         # In logs (no terminal) every redraw is a new chunk of text: redraw rarely there.
         mininterval=0.1 if sys.stderr.isatty() else 10.0,
@@ -208,12 +279,52 @@ def run_chains(
                 save({"group": gi, "step": step}, {**_flatten_state(state), **rng.states()})
 
             last_save = time.monotonic()
+
+            def record(
+                d: int, t: int, a: Tensor, a_tok: Tensor | None, state: Any, resume_at: int,
+                idx: Tensor = idx, chains: list[int] = chains, snapshot: Any = snapshot,
+            ) -> bool:  # fmt: skip
+                """Draw ``d`` (made by step ``t``) at ``state``: check and record it, maybe
+                checkpoint (resuming at step ``resume_at``); True if the run stops here."""
+                nonlocal stop, last_save
+                b, b_tok = eval_query.evaluate(state.params)
+                energy = posterior.potential(state.params, a.double().mean(1)) - energy_star
+                divergence.check_draw(chains, a, b, energy, t, cfg, fmodel.num_params)
+                toks = (a_tok, b_tok) if a_tok is not None and b_tok is not None else None
+                rec.draw(idx, chains, d, a, b, energy, toks)
+                if d % 10 == 0:
+                    bar.set_postfix(loss=f"{float(a.mean()):.4g}")
+                if cfg.adaptive and stop is not None:  # recorded before a resume
+                    if d + 1 >= stop["draws"]:
+                        return True
+                elif cfg.adaptive and ((d + 1) % cfg.check_every == 0 or d + 1 == D):
+                    if d + 1 > checked:
+                        stop = _check_all(rec, part, owners, d + 1, cfg, elapsed(), shard)
+                    if stop is not None:
+                        return True
+                if run_dir is not None and (
+                    (d + 1) % checkpoint_every == 0 or time.monotonic() - last_save > 60
+                ):
+                    snapshot(resume_at, state)
+                    last_save = time.monotonic()
+                return False
+
+            pending: int | None = None  # fused: the draw the current state is, unrecorded
             for t in range(t0, T):
                 if full_batch:
-                    grads, loss = _full_batch_grad(grad_fn, state.params, eval_train.chunks(), N)
+                    grads, loss, values = full_grad(grad_fn, state.params, keep=fused)
                 else:
-                    batch = train.batch(rng.indices(N, cfg.batch_size))
-                    grads, loss = grad_fn(state.params, stack_chain_batches(batch, len(chains)))
+                    grads, loss = _minibatch_grad(
+                        grad_fn, state.params, train, rng.indices(N, cfg.batch_size),
+                        len(chains), shard,
+                    )  # fmt: skip
+                if pending is not None:
+                    assert values is not None
+                    # This step's forward pass is the draw's evaluation; a checkpoint here
+                    # resumes at step t (before its update), with the draw recorded.
+                    if record(pending, t - 1, *train_values(values), state, t):
+                        break
+                    pending = None
                 divergence.check_step(chains, loss, t, cfg)
                 noise = rng.normal_like(state.params)
                 pgrad = posterior.potential_grad(state.params, grads)
@@ -224,53 +335,69 @@ def run_chains(
                 if k <= 0 or k % cfg.thin:
                     continue
                 d = k // cfg.thin - 1
-                (a, a_tok), (b, b_tok) = (
-                    eval_train.evaluate(state.params),
-                    eval_query.evaluate(state.params),
-                )
-                energy = posterior.potential(state.params, a.double().mean(1)) - energy_star
-                divergence.check_draw(chains, a, b, energy, t, cfg, fmodel.num_params)
-                toks = (a_tok, b_tok) if a_tok is not None and b_tok is not None else None
-                rec.draw(idx, chains, d, a, b, energy, toks)
-                if d % 10 == 0:
-                    bar.set_postfix(loss=f"{float(a.mean()):.4g}")
-                if cfg.adaptive and stop is not None:  # recorded before a resume
-                    if d + 1 >= stop["draws"]:
-                        break
-                elif cfg.adaptive and ((d + 1) % cfg.check_every == 0 or d + 1 == D):
-                    if d + 1 > checked:
-                        stop = _check_all(rec, part, owners, d + 1, cfg, elapsed())
-                    if stop is not None:
-                        break
-                if run_dir is not None and (
-                    (d + 1) % checkpoint_every == 0 or time.monotonic() - last_save > 60
-                ):
-                    snapshot(t + 1, state)
-                    last_save = time.monotonic()
+                if fused and t + 1 < T:
+                    pending = d
+                    continue
+                if record(d, t, *evaluate_train(state.params), state, t + 1):
+                    break
             done_groups.append(gi)
             save(None, {})
     except BaseException as e:
+        # Chain-parallel ranks meet only at check points, so a failing one can tell the others.
+        # (Data-parallel ones meet at every step's all-reduce: there the launcher ends them.)
         if part.distributed:
-            distributed.agree(e)  # tells the other ranks, then re-raises here
+            distributed.agree(e)
         raise
     finally:
         bar.close()
     if part.distributed:
         distributed.agree()
         rec.share(owners, distributed.exchange_rows)
+        resumed = distributed.any_true(resumed)  # the run resumed if any rank did
+    elif shard is not None and stores is not None and distributed.any_true(resumed):
+        # Data-parallel: only rank 0 kept the draws made before the resume on disk.
+        for store in stores:
+            exchange_store(store, slice(0, C), 0, distributed.exchange_rows)
     if cfg.adaptive:
         assert stop is not None
         used = stop["draws"]
         rec.trim(used, cfg.num_burnin + used * cfg.thin)
     traces = None
     if rec.token_train is not None and rec.token_query is not None:
-        traces = TokenTraces(
-            rec.token_train, rec.token_query, eval_train.token_index, eval_query.token_index
-        )
+        assert train_tokens is not None
+        traces = TokenTraces(rec.token_train, rec.token_query, train_tokens, eval_query.token_index)
     return RunOutput(
         rec.moments, rec.draw_loss, rec.step_loss, rec.query_trace, resumed, traces, rec.energy,
         rec.blocks, rec.train_trace, rec.train_index, stop,
     )  # fmt: skip
+
+
+def _train_token_index(ev: Evaluator, shard: Shard | None) -> tuple[Tensor, list[int]]:
+    """(sequence, position) ``[Kn, 2]`` of every attributed training token, and how many
+    tokens each data-parallel process evaluates (its slice's index, offset to global rows)."""
+    index = ev.token_index
+    if shard is None:
+        return index, [len(index)]
+    offset = index + torch.tensor([shard.start, 0])
+    parts = distributed.gather_objects(offset)
+    return torch.cat(parts), [len(p) for p in parts]
+
+
+def _minibatch_grad(
+    grad_fn: Any, params: Params, train: DataSource, index: Tensor, groups: int,
+    shard: Shard | None,
+) -> tuple[Params, Tensor]:  # fmt: skip
+    """Mean loss and gradient over each chain's minibatch ``index [G·B]``. Data-parallel:
+    this process takes every ``world``-th example of each chain's batch, and the size-weighted
+    parts are summed over the processes."""
+    if shard is None:
+        return grad_fn(params, stack_chain_batches(train.batch(index), groups))
+    per_chain = index.view(groups, -1)
+    mine = per_chain[:, shard.rank :: shard.world]
+    g, loss = grad_fn(params, stack_chain_batches(train.batch(mine.reshape(-1)), groups))
+    w = mine.shape[1] / per_chain.shape[1]
+    *vals, loss = distributed.sum_over_ranks([*(w * v for v in g.values()), w * loss])
+    return dict(zip(g, vals, strict=True)), loss
 
 
 def _checks_made(
@@ -316,19 +443,19 @@ def _step(
 
 def _check_all(
     rec: Recorder, part: Partition, owners: list[slice], draws: int, cfg: BIFConfig,
-    seconds: float,
+    seconds: float, shard: Shard | None = None,
 ) -> dict[str, Any] | None:  # fmt: skip
-    """An adaptive check over every chain. With several processes the others' moments are
-    fetched first, and rank 0 decides for all (its clock decides ``max_seconds``)."""
+    """An adaptive check over every chain. Chain-parallel processes fetch the others' moments
+    first; in any process group rank 0 decides for all (its clock decides ``max_seconds``)."""
     if part.distributed:
         distributed.agree()
         rec.share(owners, distributed.exchange_rows, _CHECK_TENSORS)
     stop = None
-    if part.rank == 0:
+    if distributed.is_main():
         stop = _adaptive_stop(
             rec.moments, rec.blocks, rec.draw_loss, rec.query_trace, draws, cfg, seconds
         )
-    return distributed.broadcast(stop) if part.distributed else stop
+    return distributed.broadcast(stop) if part.distributed or shard is not None else stop
 
 
 def _adaptive_stop(
@@ -412,13 +539,20 @@ def _unflatten_state(template: Any, saved: dict[str, Tensor], device: torch.devi
 
 
 def _full_batch_grad(
-    grad_fn: Any, params: Params, chunks: list[Any], n: int
-) -> tuple[Params, Tensor]:
-    """Exact ∇L_n as a size-weighted sum of chunk gradients (bounded activation memory)."""
+    grad_fn: Any, params: Params, chunks: list[Any], n: int, keep: bool = False
+) -> tuple[Params, Tensor, list[Tensor] | None]:
+    """Exact ∇L_n as a size-weighted sum of chunk gradients (bounded activation memory).
+    With ``keep``, ``grad_fn`` is fused (:func:`bif.functional.mean_loss_grad_and_losses`)
+    and its per-chunk values are returned too."""
     total_g: Params | None = None
     total_l: Tensor | None = None
+    values: list[Tensor] = []
     for chunk in chunks:
-        g, loss = grad_fn(params, chunk)
+        if keep:
+            g, (loss, v) = grad_fn(params, chunk)
+            values.append(v)
+        else:
+            g, loss = grad_fn(params, chunk)
         w = _batch_len(chunk) / n
         total_g = (
             {k: w * v for k, v in g.items()}
@@ -427,7 +561,7 @@ def _full_batch_grad(
         )
         total_l = w * loss if total_l is None else total_l + w * loss
     assert total_g is not None and total_l is not None
-    return total_g, total_l
+    return total_g, total_l, values if keep else None
 
 
 def _batch_len(batch: Any) -> int:
