@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: demo demo-lm test test-slow lint format browser clean bench bench-data smollm2
+.PHONY: demo demo-lm test test-slow lint format browser clean bench bench-data bench-large smollm2
 
 # torch first, pinned to the local CPU wheel: any unpinned resolution would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -25,6 +25,10 @@ browser:
 			echo "chromium missing: run 'sudo apt-get install -y chromium' (browser tests will be skipped)"; \
 		fi; \
 	fi
+
+# Peak memory of a 341 M-parameter random Llama (last blocks sampled, bf16 forwards) vs the formula.
+bench-large: $(STAMP)
+	$(PY) -m bif.bench.large --threads 2 --out bif-bench/large
 
 demo: $(STAMP)
 	$(VENV)/bin/bif demo --out bif-demo

@@ -10,9 +10,9 @@ from bif.bench.large import main, predicted_bytes
 
 def test_formula_terms_add_up() -> None:
     t = predicted_bytes(1000, 100, 4, 2, 2, 8, True, 5.0)
-    assert t["model"] == 4000 and t["frozen_forward_copy"] == 1800
+    assert t["process"] == 0 and t["model"] == 4000 and t["frozen_forward_copy"] == 1800
     assert t["w_star_and_grad_star"] == 800 and t["sampler_state"] == 800
-    assert t["step_work"] == 100 * (16 + 2) and t["mass_basis"] == 3200
+    assert t["step_work"] == 100 * (24 + 4) and t["mass_basis"] == 3200
     assert t["total"] == sum(v for k, v in t.items() if k != "total")
 
 

@@ -6,19 +6,23 @@ state), forward passes in bfloat16, and sampling restricted to its last ``blocks
 blocks (:func:`bif.lm.freeze_except`). The peak resident memory of the ``bif.attribute`` call
 (:class:`bif.bench.memory.PeakMemory`) is printed against :func:`predicted_bytes`:
 
-    peak ≈ P·b_model                      the user's model (all P parameters, its dtype)
+    peak ≈ R₀                             the process before the model (Python, torch, ...)
+         + P·b_model                      the user's model (all P parameters, its dtype)
          + P_f·b_fwd                      frozen tensors cast to the forward dtype once
          + P_s·b_s·(2 + S)                w* and ∇L_n(w*) (centring), S sampler-state copies
-         + P_s·(b_s·W + b_fwd)            W work tensors of a step, one forward-dtype weight copy
+         + P_s·(6·b_s + 2·b_fwd)          a step's work: the gradient, its chunk-weighted copy,
+                                          the posterior gradient, the noise and two update
+                                          temporaries, and the weights and their gradient in
+                                          the forward dtype
          + P_s·k·b_s                      the low-rank mass basis (rank k)
          + A                              activations of one chunk's forward+backward
 
 with ``P_s`` sampled parameters in the sampling dtype ``b_s`` (the model's), ``P_f = P − P_s``,
-``S`` = 2 for the kinetic sampler (position, momentum; 1 for SGLD, 2 for RMSProp), ``W`` = 4
-(gradient, posterior gradient, noise, one update temporary) and ``A`` measured as the peak of a
-bare forward+backward of one chunk (reported separately). This is what ``vmap_chains=False``
-promises: nothing in it grows with the number of chains or draws except the recorded traces
-(``C·D·(N + Q)`` float64 values, and the per-token traces at 4 bytes per token per draw).
+``S`` = 2 for the kinetic sampler (position, momentum; 1 for SGLD, 2 for RMSProp), and ``A``
+measured as the peak of a bare forward+backward of one chunk (reported separately). This is
+what ``vmap_chains=False`` promises: nothing in it grows with the number of chains or draws
+except the recorded traces (``C·D·(N + Q)`` float64 values; the per-token traces are on disk,
+:mod:`bif.tracestore`).
 """
 
 from __future__ import annotations
@@ -47,16 +51,18 @@ def llama_config(hidden: int, layers: int, vocab: int) -> Any:
 
 def predicted_bytes(
     total: int, sampled: int, model_bytes: int, forward_bytes: int, state_copies: int,
-    rank: int, centred: bool, activations: float,
+    rank: int, centred: bool, activations: float, process: float = 0.0,
 ) -> dict[str, float]:  # fmt: skip
-    """The terms of the module docstring's formula, in bytes."""
+    """The terms of the module docstring's formula, in bytes (``process``: the resident memory
+    of the interpreter and its libraries before the model exists)."""
     frozen = total - sampled
     terms = {
+        "process": process,
         "model": total * model_bytes,
         "frozen_forward_copy": frozen * forward_bytes if forward_bytes != model_bytes else 0,
         "w_star_and_grad_star": sampled * model_bytes * (1 + int(centred)),
         "sampler_state": sampled * model_bytes * state_copies,
-        "step_work": sampled * (model_bytes * 4 + forward_bytes),
+        "step_work": sampled * (model_bytes * 6 + forward_bytes * 2),
         "mass_basis": sampled * rank * model_bytes,
         "activations": activations,
     }
@@ -84,6 +90,8 @@ def run_large(
 
     if threads is not None:
         torch.set_num_threads(threads)
+    with PeakMemory() as before:  # the process (Python, torch, transformers) before the model
+        pass
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(hidden, layers, vocab)).eval()
     total = sum(p.numel() for p in model.parameters())
@@ -117,7 +125,15 @@ def run_large(
     seconds = time.perf_counter() - t0
     model_bytes = next(model.parameters()).element_size()
     terms = predicted_bytes(
-        total, sampled, model_bytes, torch.finfo(fwd).bits // 8, 2, 0, True, activations
+        total,
+        sampled,
+        model_bytes,
+        torch.finfo(fwd).bits // 8,
+        2,
+        0,
+        True,
+        activations,
+        before.peak_mb * 2**20,
     )
     measured = peak.peak_mb * 2**20
     return {
