@@ -119,9 +119,7 @@ def agree(error: BaseException | None = None) -> None:
         if error is not None:
             raise error
         return
-    mine = None if error is None else f"{type(error).__name__}: {error}"
-    every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
+    every = gather_objects(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
     failed = [(r, m) for r, m in enumerate(every) if m is not None]
@@ -147,8 +145,7 @@ def same_everywhere(value: str, what: str, fix: str) -> None:
     """
     if not active():
         return
-    every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, value)
+    every = gather_objects(value)
     differ = [r for r, v in enumerate(every) if v != every[0]]
     if differ:
         raise ConfigError(
@@ -196,11 +193,7 @@ def gather_objects(obj: Any) -> list[Any]:
 
 def first_not_none(obj: Any) -> Any:
     """The first rank's ``obj`` that is not None (None if every rank's is)."""
-    if not active():
-        return obj
-    every: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(every, obj)
-    return next((o for o in every if o is not None), None)
+    return next((o for o in gather_objects(obj) if o is not None), None)
 
 
 @dataclass(frozen=True)

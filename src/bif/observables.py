@@ -87,10 +87,7 @@ class Evaluator:
     @torch.no_grad()
     def evaluate(self, params: Params) -> tuple[Tensor, Tensor | None]:
         """Per-sample values ``[G, len(source)]`` and, in token mode, token values ``[G, K]``."""
-        chunks = self.chunks()
-        if not self.tokens:
-            return torch.cat([self._fn(params, b) for b in chunks], dim=1), None
-        return self.assemble([self._fn(params, b) for b in chunks])
+        return self.assemble([self._fn(params, b) for b in self.chunks()])
 
     def assemble(self, values: list[Tensor]) -> tuple[Tensor, Tensor | None]:
         """Per-chunk values (``[G, B]``, or ``[G, B, S]`` token losses in token mode) ->

@@ -114,14 +114,17 @@ def run_chains(
     eval_query = Evaluator(fmodel, task, query, query_observables, cfg.chunk_size, vm, tokens)
     train_tokens, token_widths = _train_token_index(eval_train, shard) if tokens else (None, [])
 
-    def evaluate_train(params: Params) -> tuple[Tensor, Tensor | None]:
-        """Every training example's loss [G, N] (and token losses [G, Kn]) at ``params``."""
-        a, a_tok = eval_train.evaluate(params)
+    def gathered(a: Tensor, a_tok: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """This process's slice's losses -> every training example's (data-parallel)."""
         if shard is not None:
             a = distributed.gather_columns(a, shard.sizes)
             if a_tok is not None:
                 a_tok = distributed.gather_columns(a_tok, token_widths)
         return a, a_tok
+
+    def evaluate_train(params: Params) -> tuple[Tensor, Tensor | None]:
+        """Every training example's loss [G, N] (and token losses [G, Kn]) at ``params``."""
+        return gathered(*eval_train.evaluate(params))
 
     def full_grad(
         fn: Any, params: Params, keep: bool = False
@@ -136,12 +139,7 @@ def run_chains(
 
     def train_values(values: list[Tensor]) -> tuple[Tensor, Tensor | None]:
         """What :func:`evaluate_train` returns, from a fused gradient pass's values."""
-        a, a_tok = eval_train.assemble(values)
-        if shard is not None:
-            a = distributed.gather_columns(a, shard.sizes)
-            if a_tok is not None:
-                a_tok = distributed.gather_columns(a_tok, token_widths)
-        return a, a_tok
+        return gathered(*eval_train.assemble(values))
 
     token_sizes = None
     if tokens:
