@@ -247,7 +247,12 @@ class DataSource:
     def batch(self, index: Tensor) -> Batch:
         """Examples ``index`` (1-D long tensor) collated into one batch on the device."""
         if self._tensors is not None:
-            idx = index.to(self._tensors[0].device)
+            dev = self._tensors[0].device
+            if dev.type == "cuda" and index.device.type == "cpu":
+                # Pinned and non-blocking: a pageable copy would wait for the device.
+                idx = index.pin_memory().to(dev, non_blocking=True)
+            else:
+                idx = index.to(dev)
             parts = tuple(t[idx] for t in self._tensors)
             if self._mapping_keys is not None:
                 return dict(zip(self._mapping_keys, parts, strict=True))

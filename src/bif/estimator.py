@@ -45,8 +45,9 @@ def init_moments(
 
 
 def update_moments(
-    m: Moments, chains: Tensor | slice, a: Tensor, b: Tensor, inplace: bool = False
-) -> Moments:
+    m: Moments, chains: Tensor | slice, a: Tensor, b: Tensor, inplace: bool = False,
+    comoment: bool = True,
+) -> Moments:  # fmt: skip
     """Add one draw for each chain in ``chains`` (Welford's update).
 
     Pure unless ``inplace=True`` (the sampling loop updates in place to avoid copying the
@@ -59,6 +60,8 @@ def update_moments(
             pass over the co-moment and no gather/scatter copies).
         a: train losses [G, N] at the draw.
         b: query observables [G, Q] at the draw.
+        comoment: also update the ``[C, Q, N]`` co-moment (False: the caller derives it,
+            e.g. from batch-means blocks with :func:`bif.mcse.chain_comoment`).
     """
     if not inplace:
         m = Moments(*(t.clone() for t in m))
@@ -74,7 +77,8 @@ def update_moments(
         m.m2_a[chains] += da * (a - mean_a)
         m.m2_b[chains] += db * (b - mean_b)
         # Co-moment: old deviation of one variable times new deviation of the other (exact).
-        m.comoment[chains].addcmul_(db.unsqueeze(-1), (a - mean_a).unsqueeze(-2))
+        if comoment:
+            m.comoment[chains].addcmul_(db.unsqueeze(-1), (a - mean_a).unsqueeze(-2))
         return m
     m.count[chains] += 1
     n = m.count[chains].unsqueeze(-1)  # [G, 1]
@@ -87,9 +91,10 @@ def update_moments(
     m.m2_a[chains] += da * (a - new_mean_a)
     m.m2_b[chains] += db * (b - new_mean_b)
     # The same arithmetic as the slice path (addcmul rounds as one fused step).
-    m.comoment[chains] = m.comoment[chains].addcmul_(
-        db.unsqueeze(-1), (a - new_mean_a).unsqueeze(-2)
-    )
+    if comoment:
+        m.comoment[chains] = m.comoment[chains].addcmul_(
+            db.unsqueeze(-1), (a - new_mean_a).unsqueeze(-2)
+        )
     return m
 
 

@@ -55,7 +55,9 @@ def init_blocks(
         raise ValueError(f"num_slots must be an even number >= 2, got {num_slots}")
     z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
     c, k, n, q = num_chains, num_slots, num_train, num_query
-    length = torch.full((c,), float(max(1, block_length)), dtype=torch.float64, device=device)
+    # On the host whatever the device: every draw reads it (a device read would wait for the
+    # accelerator at every draw), and it changes only when slots merge.
+    length = torch.full((c,), float(max(1, block_length)), dtype=torch.float64)
     return Blocks(length, z(c, k), z(c, k, n), z(c, k, q), z(c, k, n), z(c, k, q, n))
 
 
@@ -82,7 +84,16 @@ def _merge_pairs(bl: Blocks, rows: Tensor) -> None:
         t[rows, half:] = 0
     bl.comoment[rows, :half] = com
     bl.comoment[rows, half:] = 0
-    bl.length[rows] *= 2
+    bl.length[rows if isinstance(rows, slice) else rows.cpu()] *= 2
+
+
+def chain_comoment(bl: Blocks, mean_a: Tensor, mean_b: Tensor) -> Tensor:
+    """Each chain's whole co-moment ``Σ_d (b_d - b̄)(a_d - ā)ᵀ`` ``[C, Q, N]`` from its blocks:
+    ``Σ_k S_k`` with ``S_k`` as in the module docstring (Chan's merge, exact), given the chain
+    means ``mean_a [C, N]`` and ``mean_b [C, Q]``. Empty slots add nothing."""
+    da = bl.mean_a - mean_a.unsqueeze(1)  # [C, K, N]
+    db = (bl.mean_b - mean_b.unsqueeze(1)) * bl.count.unsqueeze(-1)  # [C, K, Q]
+    return bl.comoment.sum(1) + db.transpose(1, 2) @ da
 
 
 def update_blocks(bl: Blocks, chains: Tensor | slice, draw: int, a: Tensor, b: Tensor) -> None:
@@ -98,7 +109,7 @@ def update_blocks(bl: Blocks, chains: Tensor | slice, draw: int, a: Tensor, b: T
     a = a.to(torch.float64)
     b = b.to(torch.float64)
     slots = bl.count.shape[1]
-    first = chains.start if isinstance(chains, slice) else chains[0]
+    first = chains.start if isinstance(chains, slice) else int(chains[0])
     length = int(bl.length[first])
     while draw // length >= slots:
         _merge_pairs(bl, chains)

@@ -53,6 +53,7 @@ class Evaluator:
         self._task = task
         self._chunks: list[Any] | None = None
         self._masks: list[Tensor] = []
+        self._flat: list[Tensor] = []
         self._index: Tensor | None = None
 
         def one_chain(params: Params, batch: Any) -> Tensor:
@@ -68,6 +69,9 @@ class Evaluator:
             self._chunks = [b for _, b in self.source.chunks(self.chunk_size)]
             if self.tokens:
                 self._masks = [self._task.token_mask(b) for b in self._chunks]  # type: ignore[attr-defined]
+                # Flat positions of each mask, once: selecting by a boolean mask at every
+                # draw would read its count from the device (a host synchronisation on CUDA).
+                self._flat = [m.flatten().nonzero().squeeze(1) for m in self._masks]
         return self._chunks
 
     @property
@@ -96,10 +100,10 @@ class Evaluator:
             return torch.cat(values, dim=1), None
         self.chunks()
         seq, tok = [], []
-        for v, m in zip(values, self._masks, strict=True):
+        for v, m, flat in zip(values, self._masks, self._flat, strict=True):
             t = v.float()  # [G, B, S]
             seq.append(torch.where(m, t, 0).double().sum(-1))
-            tok.append(t[:, m])
+            tok.append(t.flatten(1)[:, flat])  # = t[:, m]
         return torch.cat(seq, dim=1), torch.cat(tok, dim=1)
 
     def __call__(self, params: Params) -> Tensor:

@@ -72,7 +72,8 @@ class TraceStore:
 
     def write(self, chains: list[int], d: int, values: Tensor) -> None:
         """Draw ``d`` of ``chains``: ``values [G, K]`` (buffered, appended in blocks)."""
-        v = values.detach().to("cpu", torch.float32)
+        # Kept where it was computed until the flush: no host synchronisation per draw.
+        v = values.detach().to(torch.float32)
         for i, c in enumerate(chains):
             self._buffer[(c, d)] = v[i].clone()
         if len(self._buffer) >= self.buffer_draws * max(1, len(chains)):
@@ -81,7 +82,7 @@ class TraceStore:
     def flush(self, sync: bool = True) -> None:
         """Write the buffered draws to the file (and, with ``sync``, to the disk)."""
         for (c, d), row in sorted(self._buffer.items()):
-            os.pwrite(self._file.fileno(), row.numpy().tobytes(), self._offset(c, d))
+            os.pwrite(self._file.fileno(), row.cpu().numpy().tobytes(), self._offset(c, d))
             self.done[c, d] = True
         self._buffer.clear()
         if sync:

@@ -16,8 +16,13 @@ import torch
 from torch import Tensor
 
 from bif.estimator import Moments, init_moments, update_moments
-from bif.mcse import Blocks, init_blocks, update_blocks
+from bif.mcse import Blocks, chain_comoment, init_blocks, update_blocks
 from bif.tracestore import TraceStore
+
+# With batch-means blocks, each chain's whole co-moment is derived from them when it is read
+# (bif.mcse.chain_comoment) instead of a second [C, Q, N] pass at every draw. False: the
+# streaming twin (the tests check both agree).
+DERIVE_COMOMENT = True
 
 
 class Recorder:
@@ -44,11 +49,20 @@ class Recorder:
         first_block: int,
         train_index: Tensor,
         token_store: tuple[TraceStore, TraceStore] | None,
+        defer: bool = False,
     ) -> None:
         C, D, T, N, Q = shape
         self.train_index = train_index
-        self.moments = init_moments(C, N, Q, device)
+        self._train_index = train_index.to(device)
+        # defer: the host copies of the traces wait for flush() (an accelerator's loop then
+        # never waits for the device between checks); else every value is copied at once.
+        self.defer = defer
+        self._pending: list[tuple[slice, int, tuple[Tensor, ...]]] = []
+        self.last_draw = -1
+        self._moments = init_moments(C, N, Q, device)
         self.blocks = init_blocks(C, slots, N, Q, first_block, device) if slots else None
+        self._derive = DERIVE_COMOMENT and self.blocks is not None
+        self._stale = False  # the derived co-moment lags the blocks
         nan = lambda *s, dtype=torch.float64: torch.full(s, math.nan, dtype=dtype)  # noqa: E731
         self.draw_loss = nan(C, D)
         self.step_loss = nan(C, T)
@@ -58,9 +72,40 @@ class Recorder:
         self.token_store = token_store
         self.used = D  # draws per chain returned (fewer after an adaptive stop)
 
+    @property
+    def moments(self) -> Moments:
+        """The Welford moments (the co-moment derived from the blocks first, if it lags)."""
+        if self._stale:
+            assert self.blocks is not None
+            m = self._moments
+            m.comoment.copy_(chain_comoment(self.blocks, m.mean_a, m.mean_b))
+            self._stale = False
+        return self._moments
+
     def step(self, chains: list[int], t: int, loss: Tensor) -> None:
         """Record the loss ``[G]`` of sampler step ``t`` of ``chains``."""
-        self.step_loss[chains, t] = loss.detach().to("cpu", torch.float64)
+        self._host(_rows(chains), t, (loss.detach(),))
+
+    def _host(self, rows: slice, at: int, values: tuple[Tensor, ...]) -> None:
+        """Copy ``values`` into the host traces now, or at the next :meth:`flush`."""
+        if self.defer:
+            self._pending.append((rows, at, values))
+        else:
+            self._put(rows, at, values)
+
+    def _put(self, rows: slice, at: int, values: tuple[Tensor, ...]) -> None:
+        host = [v.to("cpu", torch.float64) for v in values]
+        if len(host) == 1:  # a step's loss
+            self.step_loss[rows, at] = host[0]
+            return
+        self.train_trace[rows, at], self.energy[rows, at] = host[0], host[1]
+        self.draw_loss[rows, at], self.query_trace[rows, at] = host[2], host[3]
+
+    def flush(self) -> None:
+        """Copy the deferred values into the host traces (waits for the device once)."""
+        pending, self._pending = self._pending, []
+        for rows, at, values in pending:
+            self._put(rows, at, values)
 
     def draw(
         self,
@@ -81,13 +126,13 @@ class Recorder:
         # A group is a contiguous block of chains: slices update the statistics in place.
         contiguous = chains == list(range(chains[0], chains[0] + len(chains)))
         rows = slice(chains[0], chains[0] + len(chains)) if contiguous else idx
-        update_moments(self.moments, rows, a, b, inplace=True)
+        update_moments(self._moments, rows, a, b, inplace=True, comoment=not self._derive)
+        self._stale = self._derive
         if self.blocks is not None:
             update_blocks(self.blocks, rows, d, a, b)
-        self.train_trace[chains, d] = a[:, self.train_index].to("cpu", torch.float64)
-        self.energy[chains, d] = energy.detach().to("cpu", torch.float64)
-        self.draw_loss[chains, d] = a.mean(1).to("cpu", torch.float64)
-        self.query_trace[chains, d] = b.to("cpu", torch.float64)
+        host = (a[:, self._train_index], energy.detach(), a.mean(1), b)
+        self._host(_rows(chains), d, host)
+        self.last_draw = d
         if tokens is not None:
             assert self.token_store is not None
             self.token_store[0].write(chains, d, tokens[0])
@@ -117,6 +162,7 @@ class Recorder:
 
         The token traces are not in it: their store's new draws are flushed to its file (and
         fsynced) first, and only its done-masks go into the checkpoint."""
+        self.flush()
         out = {k: v[rows] for k, v in self._named().items()}
         if self.token_store is not None:
             for side, store in zip(("train", "query"), self.token_store, strict=True):
@@ -128,6 +174,7 @@ class Recorder:
         """Inverse of :meth:`state`: fill rows ``rows`` from a checkpoint."""
         for k, v in self._named().items():
             v[rows] = saved[k].to(v.device)
+        self._stale = self._derive
         if self.token_store is not None:
             for side, store in zip(("train", "query"), self.token_store, strict=True):
                 done = store.done.clone()
@@ -140,11 +187,13 @@ class Recorder:
         """Fill every row from the process that owns it: ``exchange(tensor, rows, src)``
         broadcasts ``tensor[rows]`` from rank ``src`` into every process's copy. Only the
         tensors whose names start with one of ``prefixes``, if given."""
+        self.flush()
         for name, t in self._named().items():
             if prefixes is not None and not name.startswith(prefixes):
                 continue
             for src, rows in enumerate(owners):
                 exchange(t, rows, src)
+        self._stale = self._derive  # (the other rows' blocks arrived after their co-moment)
         if self.token_store is not None and (prefixes is None or "tokens" in prefixes):
             for store in self.token_store:
                 for src, rows in enumerate(owners):
@@ -152,6 +201,7 @@ class Recorder:
 
     def trim(self, used: int, steps: int) -> None:
         """Keep the first ``used`` draws and ``steps`` steps (an adaptive run that stopped)."""
+        self.flush()
         self.draw_loss, self.query_trace = self.draw_loss[:, :used], self.query_trace[:, :used]
         self.energy, self.train_trace = self.energy[:, :used], self.train_trace[:, :used]
         self.step_loss = self.step_loss[:, :steps]
@@ -166,3 +216,11 @@ def exchange_store(store: TraceStore, rows: slice, src: int, exchange: Any) -> N
     stage = store.rows(rows)  # the owner's draws; zeros (unwritten) elsewhere
     exchange(stage, slice(0, rows.stop - rows.start), src)
     store.put_rows(rows, stage)
+
+
+def _rows(chains: list[int]) -> slice:
+    """A group's chains (always a contiguous block) as a slice: indexing a device tensor by a
+    host list would copy the index to the device, a synchronisation on CUDA."""
+    if chains != list(range(chains[0], chains[0] + len(chains))):
+        raise ValueError(f"a chain group must be a contiguous block of chains, got {chains}")
+    return slice(chains[0], chains[0] + len(chains))
