@@ -159,12 +159,10 @@ def attribute(
                     values = checkpoint_values(train_star, query_star)
                     checkpoint.open_run(rd, ident, values, requested.to_dict())
                 cfg, curv = resolve_auto(cfg, fmodel, the_task, train_src, rd, dig, progress)
-                eig = curv.eigenpairs
+                eig, kron = curv.eigenpairs, curv.kronecker
 
                 def again(c: BIFConfig) -> tuple[BIFConfig, Curvature]:
-                    return resolve_auto(
-                        c, fmodel, the_task, train_src, rd, dig, False, eigenpairs=eig
-                    )
+                    return resolve_auto(c, fmodel, the_task, train_src, rd, dig, False, eig, kron)
 
                 cfg, curv = guard(
                     requested, cfg, curv, fmodel, the_task, train_src, query_src, again, progress

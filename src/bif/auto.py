@@ -35,6 +35,7 @@ from bif.curvature import (
 from bif.data import DataSource
 from bif.errors import DataError
 from bif.functional import FunctionalModel
+from bif.sampler.kronecker import KroneckerMass
 from bif.sampler.mass import LowRankMass, flatten, unflatten
 from bif.spectrum import (
     localised_directions,
@@ -65,18 +66,22 @@ class Curvature:
     """What the curvature pass found (recorded in ``result.meta``)."""
 
     lambda_max: float | None = None
-    mass: LowRankMass | None = None
+    mass: LowRankMass | KroneckerMass | None = None
     saddle: tuple[torch.Tensor, torch.Tensor] | None = None  # see bif.posterior
     info: dict[str, Any] = field(default_factory=dict)
     # top Hessian eigenpairs (values [k], vectors [P, k]): they do not depend on nβ or γ, so
     # re-resolving the rules at another nβ (bif.pilot) reuses them
     eigenpairs: tuple[torch.Tensor, torch.Tensor] | None = None
+    # the Kronecker factors (nβ and γ only scale them: re-resolving reuses them too)
+    kronecker: KroneckerMass | None = None
 
 
 def curvature_to(curv: Curvature, device: torch.device | str) -> Curvature:
     """``curv`` with its tensors on ``device`` (to send it to another process, or receive it)."""
     mass = curv.mass
-    if mass is not None:
+    if isinstance(mass, KroneckerMass):
+        mass = mass.to(device)
+    elif mass is not None:
         mass = mass._replace(basis=mass.basis.to(device), curvature=mass.curvature.to(device))
     pair = lambda p: None if p is None else (p[0].to(device), p[1].to(device))  # noqa: E731
     return dataclasses.replace(
@@ -86,6 +91,24 @@ def curvature_to(curv: Curvature, device: torch.device | str) -> Curvature:
 
 def preconditioned(cfg: BIFConfig) -> bool:
     return cfg.sampler == "kinetic" and cfg.precondition_rank > 0
+
+
+def choose_preconditioner(cfg: BIFConfig, num_params: int) -> tuple[str, str]:
+    """The mass of a preconditioned kinetic sampler, ``(kind, why)``.
+
+    ``preconditioner='auto'``: the dense low-rank mass where the Lanczos workspace of its
+    eigensolver, ``(2k + 1)·P`` float64 numbers, holds the requested rank k within
+    :data:`LANCZOS_BUDGET_MB` (P up to about 2 M parameters at k = 64): it is exact on the
+    top-k eigendirections of the Hessian. Beyond, the Kronecker mass
+    (:mod:`bif.sampler.kronecker`), whose memory grows with the layer widths, not with P·k.
+    """
+    k = cfg.precondition_rank
+    if cfg.preconditioner != "auto":
+        return cfg.preconditioner, "requested"
+    mb = (2 * k + 1) * 8 * num_params / 2**20
+    if affordable_rank(k, num_params) >= min(k, num_params - 1):
+        return "lowrank", f"rank-{k} Lanczos workspace {mb:.0f} MB fits {LANCZOS_BUDGET_MB} MB"
+    return "kronecker", f"rank-{k} Lanczos workspace {mb:.0f} MB exceeds {LANCZOS_BUDGET_MB} MB"
 
 
 def affordable_rank(rank: int, num_params: int) -> int:
@@ -103,6 +126,7 @@ def resolve_auto(
     identity: str = "",
     progress: bool = False,
     eigenpairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    kronecker: KroneckerMass | None = None,
 ) -> tuple[BIFConfig, Curvature]:
     """Replace every 'auto' field by its rule, in dependency order (γ -> nβ -> mass -> step
     size and friction), and build the mass matrix of a preconditioned kinetic sampler.
@@ -115,7 +139,9 @@ def resolve_auto(
     with a given nβ a non-normalisable posterior (k'_min <= 0) is warned about.
     """
     pre = preconditioned(cfg)
-    if pre:
+    kind, why = choose_preconditioner(cfg, fmodel.num_params) if pre else ("identity", "")
+    rank = cfg.precondition_rank
+    if kind == "lowrank":
         rank = affordable_rank(cfg.precondition_rank, fmodel.num_params)
         if rank < 2:
             warnings.warn(
@@ -126,12 +152,18 @@ def resolve_auto(
                 "preconditioner, or pass precondition_rank=0 to silence this.",
                 stacklevel=3,
             )
-            pre = False
+            pre, kind = False, "identity"
         elif rank < cfg.precondition_rank:
             log.warning("precondition_rank lowered from %d to %d to fit the Lanczos budget",
                         cfg.precondition_rank, rank)  # fmt: skip
     need_lambda = cfg.step_size == "auto" or cfg.nbeta == "auto"
-    curv = Curvature(eigenpairs=eigenpairs if pre else None)
+    curv = Curvature(
+        eigenpairs=eigenpairs if kind == "lowrank" else None,
+        kronecker=kronecker if kind == "kronecker" else None,
+    )
+    if pre:
+        log.info("preconditioner: %s (%s)", kind, why)
+        curv.info["preconditioner"] = {"kind": kind, "why": why}
     t0 = time.perf_counter()
     # The subsample's batches are only built when a rule or the mass needs HVPs.
     counted = (
@@ -140,7 +172,9 @@ def resolve_auto(
         else None
     )
     try:
-        cfg = _resolve(cfg, curv, fmodel, counted, pre, rank if pre else 0, run_dir, identity)
+        cfg = _resolve(
+            cfg, curv, fmodel, counted, kind, rank if pre else 0, run_dir, identity, task, train
+        )  # fmt: skip
     finally:
         if counted is not None:
             counted.close()
@@ -157,12 +191,13 @@ def resolve_auto(
 
 def _resolve(
     cfg: BIFConfig, curv: Curvature, fmodel: FunctionalModel, counted: CountedHVP | None,
-    pre: bool, rank: int, run_dir: Path | None, identity: str,
+    kind: str, rank: int, run_dir: Path | None, identity: str, task: Task, train: DataSource,
 ) -> BIFConfig:  # fmt: skip
     """The body of :func:`resolve_auto`: fills ``curv`` and returns the resolved config."""
     w = fmodel.w_star
     hvp: Any = counted
-    if pre:
+    pre = kind != "identity"
+    if kind == "lowrank":
         assert counted is not None
         counted.set_stage(f"top {rank} Hessian eigenpairs")
         before = counted.count
@@ -188,19 +223,34 @@ def _resolve(
         assert hvp is not None
         nbeta_rule = requested_nbeta_auto
         saddle_v = saddle_mu = None
+        if kind == "kronecker":
+            curv.kronecker = _kronecker(curv, fmodel, task, train, cfg, rank)
         for _ in range(4):
-            curv.mass = lowrank_mass(vals, vecs, cfg.nbeta, cfg.gamma, w)
             assert counted is not None
+            if kind == "kronecker":
+                assert curv.kronecker is not None
+                curv.mass = curv.kronecker._replace(nbeta=cfg.nbeta, gamma=cfg.gamma)
+                # The posterior's own smallest curvature (unit mass): the Kronecker blocks are
+                # not the Hessian's eigenbasis, so k'_min in their frame does not give μ_min.
+                counted.set_stage("smallest curvature of the posterior")
+                unit = LowRankMass(cfg.gamma, *vals_empty(w))
+                kmin = preconditioned_extremes(
+                    hvp, unit, cfg.nbeta, cfg.gamma, w, KMIN_FLOOR, seed=cfg.seed
+                ).kmin
+            else:
+                curv.mass = lowrank_mass(vals, vecs, cfg.nbeta, cfg.gamma, w)
             counted.set_stage("extreme eigenvalues of the preconditioned precision")
             ext = preconditioned_extremes(
                 hvp, curv.mass, cfg.nbeta, cfg.gamma, w, KMIN_FLOOR, seed=cfg.seed
             )
-            kmax, kmin = ext.kmax, ext.kmin
+            kmax = ext.kmax
+            if kind == "lowrank":
+                kmin = ext.kmin
             if not (math.isfinite(kmax) and math.isfinite(kmin)):
                 raise _hessian_not_finite()
             if kmin >= KMIN_FLOOR:
                 break
-            if cfg.negative_curvature == "localise" and saddle_v is None:
+            if kind == "lowrank" and cfg.negative_curvature == "localise" and saddle_v is None:
                 counted.set_stage("negatively curved directions")
                 v, nb_mu = localised_directions(
                     hvp, curv.mass, cfg.nbeta, cfg.gamma, w,
@@ -217,8 +267,9 @@ def _resolve(
                     continue
             if not nbeta_rule:
                 break
-            # A negatively curved direction mu < 0 lies outside the basis (mass γ), so
-            # k'_min = 1 + nβ·mu/γ: lower nβ until k'_min = KMIN_FLOOR.
+            # A negatively curved direction mu < 0 lies outside the basis (mass γ; with the
+            # Kronecker mass kmin is measured at unit mass), so k'_min = 1 + nβ·mu/γ: lower nβ
+            # until k'_min = KMIN_FLOOR.
             mu = (kmin - 1) * cfg.gamma / cfg.nbeta
             cfg = cfg.replace(nbeta=(1 - KMIN_FLOOR) * cfg.gamma / -mu)
             curv.info["condition_lowered_to"] = cfg.nbeta * curv.lambda_max / cfg.gamma
@@ -230,8 +281,12 @@ def _resolve(
                 "that the damping must dominate for the local posterior to exist",
                 cfg.condition, curv.info["condition_lowered_to"],
             )  # fmt: skip
-        smallest = float(curv.mass.curvature.min()) / cfg.gamma if curv.mass.rank else 1.0
-        curv.info.update(kmax_preconditioned=kmax, kmin_preconditioned=kmin,
+        mass = curv.mass
+        smallest = 1.0
+        if isinstance(mass, LowRankMass) and mass.rank:
+            smallest = float(mass.curvature.min()) / cfg.gamma
+        curv.info.update(kmax_preconditioned=kmax, kmin_preconditioned=ext.kmin,
+                         kmin_posterior=kmin,
                          smallest_captured=smallest,
                          condition_unpreconditioned=(cfg.nbeta * curv.lambda_max + cfg.gamma)
                          / cfg.gamma)  # fmt: skip
@@ -311,3 +366,43 @@ def _eigenpairs(
     if run_dir is not None:
         checkpoint.save_curvature(run_dir, key, {"values": vals, "vectors": vecs})
     return vals, vecs
+
+
+def vals_empty(like: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """An empty basis ``[P, 0]`` and its ``[0]`` curvatures: with them LowRankMass is γI."""
+    ref = next(iter(like.values()))
+    num = sum(v.numel() for v in like.values())
+    return (
+        torch.zeros(num, 0, dtype=ref.dtype, device=ref.device),
+        torch.zeros(0, dtype=ref.dtype, device=ref.device),
+    )
+
+
+# The Kronecker factors from a fixed number of batches (independent of the data set size).
+KRONECKER_BATCHES = 8
+KRONECKER_BATCH_SIZE = 32
+
+
+def _kronecker(
+    curv: Curvature, fmodel: FunctionalModel, task: Task, train: DataSource, cfg: BIFConfig,
+    rank: int,
+) -> KroneckerMass:  # fmt: skip
+    """The Kronecker mass's factors (reused from ``curv`` when re-resolving); its build cost
+    goes into ``curv.info["preconditioner"]``."""
+    from bif.sampler.kronecker_build import build_kronecker_mass
+
+    assert not isinstance(cfg.nbeta, str) and not isinstance(cfg.gamma, str)
+    if curv.kronecker is not None:
+        return curv.kronecker
+    mass, info = build_kronecker_mass(
+        fmodel, task, train, cfg.nbeta, cfg.gamma, num_batches=KRONECKER_BATCHES,
+        batch_size=KRONECKER_BATCH_SIZE, rank=rank, seed=cfg.seed,
+    )  # fmt: skip
+    # Counts rather than the layer lists (an LM has hundreds); the log line names the fallbacks.
+    keep = {k: v for k, v in info.items() if k not in ("kind", "factored", "eigen_correction")}
+    keep.update(
+        factored_layers=len(info["factored"]), corrected_layers=len(info["eigen_correction"]),
+        fallback=sorted(info["fallback"]),
+    )  # fmt: skip
+    curv.info["preconditioner"].update(keep)
+    return mass

@@ -105,6 +105,13 @@ class BIFConfig:
         "'kinetic' sampler: mass matrix γI + the top-k Hessian eigenpairs at w* (Lanczos on "
         "HVPs), which moves every direction at the same frequency; 0 = unit mass",
     )
+    preconditioner: Literal["auto", "lowrank", "kronecker"] = _f(
+        "auto",
+        "'kinetic' sampler's mass matrix: 'lowrank' (γI + top-k Hessian eigenpairs, dense [P, k]), "
+        "'kronecker' (per-layer K-FAC blocks nβ·G⊗A + γI of Linear/Conv2d/Embedding weights, "
+        "top-k eigenpairs per factor, γI elsewhere; memory linear in the layer widths), or "
+        "'auto': lowrank where its Lanczos workspace holds rank k, kronecker beyond",
+    )
     negative_curvature: Literal["lower", "localise"] = _f(
         "localise",
         "preconditioned 'kinetic' sampler, where nβ·H + γI is not safely positive: 'localise' "
@@ -245,6 +252,11 @@ class BIFConfig:
             raise ConfigError(
                 "negative_curvature must be 'lower' or 'localise', got "
                 f"{self.negative_curvature!r}."
+            )
+        if self.preconditioner not in ("auto", "lowrank", "kronecker"):
+            raise ConfigError(
+                "preconditioner must be 'auto', 'lowrank' or 'kronecker', got "
+                f"{self.preconditioner!r}."
             )
         r = self.precondition_rank
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:

@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 
 from bif.functional import Params
-from bif.sampler.mass import LowRankMass, flatten, unflatten
+from bif.sampler.mass import LowRankMass, Mass, flatten, unflatten
 
 
 def preconditioned_operator(
-    hvp: Callable[[Params], Params], mass: LowRankMass, nbeta: float, gamma: float, like: Params
+    hvp: Callable[[Params], Params], mass: Mass, nbeta: float, gamma: float, like: Params
 ) -> Callable[[Tensor], Tensor]:
     """``x [P] -> M^-½ (nβH + γI) M^-½ x`` on flat vectors (parameter order of ``like``)."""
 
@@ -163,7 +163,7 @@ class Extremes:
 
 
 def preconditioned_extremes(
-    hvp: Callable[[Params], Params], mass: LowRankMass, nbeta: float, gamma: float,
+    hvp: Callable[[Params], Params], mass: Mass, nbeta: float, gamma: float,
     like: Params, floor: float, steps: int = EXTREME_STEPS, seed: int = 0,
 ) -> Extremes:  # fmt: skip
     """k'_max, k'_min and the directions below ``floor`` of ``M^-½ (nβH + γI) M^-½`` (one

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from bif.sampler.mass import LowRankMass, flatten, unflatten
+from bif.sampler.mass import Mass, flatten, unflatten
 from bif.sampler.sgld import SGLDInfo
 
 Params = dict[str, Tensor]
@@ -60,7 +60,7 @@ def step(
     noise: Params,
     step_size: float,
     friction: float,
-    mass: LowRankMass | None = None,
+    mass: Mass | None = None,
 ) -> tuple[KineticState, SGLDInfo]:
     """One BAOAB step (pure). Shapes as in :func:`bif.sampler.sgld.step`.
 
@@ -97,7 +97,7 @@ def _step_with_mass(
     h: float,
     c: float,
     s: float,
-    mass: LowRankMass,
+    mass: Mass,
 ) -> tuple[KineticState, SGLDInfo]:
     """The same BAOAB step with momentum ``v ~ N(0, M)`` on flat ``[C, P]`` vectors.
 

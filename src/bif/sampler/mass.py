@@ -22,12 +22,24 @@ All operators below act on flat vectors ``x [..., P]`` and cost two ``[P, k]`` p
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 Params = dict[str, Tensor]
+
+
+class Mass(Protocol):
+    """What the kinetic sampler needs of a constant SPD mass matrix M: its powers on flat
+    vectors ``x [..., P]`` (:class:`LowRankMass`, :class:`bif.sampler.kronecker.KroneckerMass`)."""
+
+    rows: int  # products of a [G, P] group computed as if it had this many rows (0: as is)
+
+    def inverse(self, x: Tensor) -> Tensor: ...
+    def sqrt(self, x: Tensor) -> Tensor: ...
+    def inverse_sqrt(self, x: Tensor) -> Tensor: ...
+    def _replace(self, **fields: Any) -> Any: ...
 
 
 class LowRankMass(NamedTuple):

@@ -42,7 +42,7 @@ from bif.sampler import kinetic, rmsprop, sgld
 from bif.sampler.adaptive import Stopper, checks_made
 from bif.sampler.checkpointer import Checkpointer, Resume, unflatten_state
 from bif.sampler.divergence import Guard
-from bif.sampler.mass import LowRankMass
+from bif.sampler.mass import Mass
 from bif.sampler.recorder import Recorder, exchange_store
 from bif.sampler.rng import ChainRandom
 from bif.sampler.work import Work
@@ -98,7 +98,7 @@ def run_chains(
     run_dir: Path | None = None,
     checkpoint_every: int = 50,
     identity: str = "",
-    mass: LowRankMass | None = None,
+    mass: Mass | None = None,
     saddle: tuple[Tensor, Tensor] | None = None,
     desc: str = "BIF sampling",
     partition: Partition | None = None,
@@ -232,7 +232,7 @@ def run_chains(
 
 def _sample_group(
     state: Any, t0: int, chains: list[int], work: Work, rng: ChainRandom,
-    posterior: LocalPosterior, mass: LowRankMass | None, guard: Guard, keeper: Keeper,
+    posterior: LocalPosterior, mass: Mass | None, guard: Guard, keeper: Keeper,
     cfg: BIFConfig,
 ) -> None:  # fmt: skip
     """Steps ``t0 .. T-1`` of one chain group, each draw handed to ``keeper`` (which may stop
@@ -352,7 +352,7 @@ def _init_state(cfg: BIFConfig, fmodel: FunctionalModel, num: int) -> Any:
 
 def _step(
     cfg: BIFConfig, state: Any, pgrad: Params, grads: Params, noise: Params,
-    mass: LowRankMass | None,
+    mass: Mass | None,
 ) -> Any:  # fmt: skip
     """One step of ``cfg.sampler`` from the posterior gradient ``pgrad`` (the loss gradient
     ``grads`` feeds RMSProp's preconditioner)."""
