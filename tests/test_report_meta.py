@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bif import BIFConfig, BIFResult
-from bif.lm.report import token_text
+from bif.lm.text import token_text
 from bif.report.cards import z_text
 from bif.report.meta import config_rows, fmt_number, fmt_value, meta_table, rows_of
 from bif.report.plots import chain_summary, loss_trace_plots

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from bif.bench.settings import SETTINGS, Setting, init_like_torch, load_setting
+from bif.bench.setting import Setting
+from bif.bench.settings import SETTINGS, init_like_torch, load_setting
 from bif.bench.training import (
     Recipe,
     batched_logits,

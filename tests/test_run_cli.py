@@ -135,7 +135,7 @@ def tiny_lm_dir(folder: Path) -> Path:
     """A random 1-block Llama (hidden 16) and a byte-level BPE tokenizer trained on a few
     sentences, saved with save_pretrained: all offline."""
     transformers = pytest.importorskip("transformers")
-    from bif.lm import shakespeare as sh
+    from bif.bench.lm import shakespeare as sh
 
     texts = ["The capital of France is Paris.", "Seven is written as 7.", "Q: two?\nA: 2"]
     tok = sh.build_tokenizer([sh.Speech("p", "1", "1", "A", t) for t in texts], vocab_size=300)

@@ -7,8 +7,7 @@ result.stderr   # [Q, N]
 result.top(0, k=5)
 """
 
-__version__ = "0.1.0"
-
+from bif._version import __version__
 from bif.api import attribute
 from bif.config import BIFConfig
 from bif.diagnostics import Diagnostics, DiagnosticWarning

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bif import __version__, checkpoint, distributed, stopping, validate
+from bif import checkpoint, distributed, stopping, validate
+from bif._version import __version__
 from bif.auto import Curvature, curvature_to, resolve_auto
 from bif.config import AUTO_FIELDS, BIFConfig
 from bif.data import DataSource

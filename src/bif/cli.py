@@ -2,101 +2,29 @@
 ``bif bench``.
 
 Hyperparameter flags (``--num-chains``, ``--step-size``, ...) are generated from the fields of
-:class:`bif.config.BIFConfig` and their ``help`` metadata, so the CLI, the config and
-:func:`bif.attribute` cannot drift apart. This module is the only place in bif that prints.
+:class:`bif.config.BIFConfig` and their ``help`` metadata (:mod:`bif.flags`), so the CLI, the
+config and :func:`bif.attribute` cannot drift apart. This module is the only place in bif that
+prints.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
 import os
 import sys
 import time
-import types
-import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from bif import __version__
+from bif._version import __version__
 from bif.config import BIFConfig
 from bif.errors import BIFError, ConfigError
+from bif.flags import add_config_flags, config_overrides
 from bif.result import BIFResult
-
-# Words meaning None for an optional field (``--batch-size full`` reads naturally).
-_NONE_WORDS = ("none", "full")
-
-
-def _value_parser(name: str, tp: Any) -> tuple[Any, str]:
-    """A string -> value converter and a metavar for a field typed as a union of int, float, str,
-    None and ``Literal`` choices (e.g. ``int | None``, ``float | Literal["auto"]``)."""
-    members = (
-        typing.get_args(tp) if typing.get_origin(tp) in (types.UnionType, typing.Union) else (tp,)
-    )
-    literals: list[Any] = []
-    scalars: list[type] = []
-    allow_none = False
-    for m in members:
-        if m is type(None):
-            allow_none = True
-        elif typing.get_origin(m) is Literal:
-            literals += typing.get_args(m)
-        elif m in (int, float, str):
-            scalars.append(m)
-        else:
-            raise TypeError(f"no CLI parser for BIFConfig.{name}: {tp}")
-    words = [str(v) for v in literals] + (list(_NONE_WORDS) if allow_none else [])
-    options = [t.__name__.upper() for t in scalars] + words
-    metavar = options[0] if len(options) == 1 else "{" + ",".join(options) + "}"
-
-    def parse(text: str) -> Any:
-        t = text.strip()
-        for v in literals:
-            if t == str(v):
-                return v
-        if allow_none and t.lower() in _NONE_WORDS:
-            return None
-        for conv in scalars:
-            try:
-                return conv(t)
-            except ValueError:
-                continue
-        raise argparse.ArgumentTypeError(f"expected one of {metavar}, got {text!r}")
-
-    return parse, metavar
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--flag`` per :class:`BIFConfig` field (generated, never listed by hand).
-
-    Unset flags are absent from the parsed namespace (``argparse.SUPPRESS``), so the library
-    default applies and ``--batch-size none`` (a real ``None``) stays distinguishable from "unset".
-    A field typed ``bool`` becomes ``--flag/--no-flag``, a pure ``Literal`` a choice, and unions
-    of numbers, ``None`` and literals (``int | None``, ``float | Literal["auto"]``) a converter.
-    """
-    group = parser.add_argument_group("BIF hyperparameters (unset: the library default)")
-    hints = typing.get_type_hints(BIFConfig)
-    for f in dataclasses.fields(BIFConfig):
-        tp = hints[f.name]
-        default = "none" if f.default is None else f.default
-        text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
-        if tp is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) is Literal:
-            kw.update(choices=list(typing.get_args(tp)), type=str)
-        else:
-            kw["type"], kw["metavar"] = _value_parser(f.name, tp)
-        group.add_argument("--" + f.name.replace("_", "-"), **kw)
-
-
-def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The hyperparameters given on the command line, by :class:`BIFConfig` field name."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(BIFConfig) if f.name in args}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from bif.bench.cli import add_bench_parser
 
-    add_bench_parser(sub, add_config_flags)
+    add_bench_parser(sub)
     return parser
 
 
@@ -331,7 +259,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_lm(args: argparse.Namespace) -> int:
-    from bif.lm.demo import NUM_QUERIES, NUM_TRAIN, PLAY, run_lm_demo
+    from bif.demo_lm import NUM_QUERIES, NUM_TRAIN, PLAY, run_lm_demo
 
     out_dir = args.out or Path("bif-demo-lm")
     nq = NUM_QUERIES if args.num_queries is None else args.num_queries
@@ -360,7 +288,7 @@ def _cmd_demo_lm(args: argparse.Namespace) -> int:
         f"nβ = {r.config.nbeta:.4g}, γ = {r.config.gamma:.4g}, step size "
         f"{r.config.step_size:.3g}; sampling {r.meta.get('sampling_seconds', float('nan')):.1f} s\n"
     )
-    from bif.lm.report import load_token_text
+    from bif.lm.text import load_token_text
 
     tok, text_of = r.tokens, load_token_text(out.result_dir)
     assert tok is not None and text_of is not None
@@ -466,8 +394,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     """The page that fits the saved result: the digits demo's (demo.json), token heatmaps for a
     result with per-token traces (with its lm.json text, or tokens by position), else cards."""
     from bif.demo import load_demo_info, write_demo_report
-    from bif.lm.report import LM_FILE, load_token_text, write_lm_report
+    from bif.lm.text import LM_FILE, load_token_text
     from bif.report import write_report
+    from bif.report.lm import write_lm_report
     from bif.tokens import TOKENS_FILE
 
     _check_positive("-k", args.k)
@@ -479,7 +408,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         if load_token_text(args.result_dir) is None:
             print(
                 f"note: no {LM_FILE} next to the result, so tokens are shown by position; the "
-                "page says how to save the text (bif.lm.report.save_lm_text)."
+                "page says how to save the text (bif.lm.save_lm_text)."
             )
     else:
         path = write_report(out, BIFResult.load(args.result_dir), k=args.k)

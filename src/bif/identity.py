@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten_with_path
 
-from bif import __version__
+from bif._version import __version__
 
 # Values at the checkpoint kept in the manifest (all of them up to this many, else a fixed,
 # evenly spaced sample plus the total), and the relative tolerance they are compared with.

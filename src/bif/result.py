@@ -12,9 +12,9 @@ from torch import Tensor
 from bif.checkpoint import damaged, file_digest, load_tensors, read_json, save_tensors, write_json
 from bif.config import BIFConfig
 from bif.diagnostics import Diagnostics
-from bif.errors import ArtifactError, BIFError, ConfigError, SelectionError
+from bif.errors import ArtifactError, BIFError, SelectionError
 from bif.tokens import TOKENS_FILE, TokenTraces
-from bif.validate import check_dir_target
+from bif.validate import check_dir_target, check_k
 
 TENSORS_FILE = "result.safetensors"
 META_FILE = "result.json"
@@ -230,9 +230,3 @@ class BIFResult:
             tokens=tokens,
             diagnostics=diagnostics,
         )
-
-
-def check_k(k: object) -> None:
-    """``k`` (how many top examples or tokens to list) must be a positive integer."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"k must be a positive integer (how many to list), got {k!r}.")

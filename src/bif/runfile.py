@@ -57,8 +57,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from bif._version import __version__
 from bif.config import BIFConfig
 from bif.errors import ArtifactError, ConfigError, DataError, RunConfigError
+from bif.flags import value_parser
 from bif.result import BIFResult
 
 __all__ = ["RunOutput", "RunSpec", "build_inputs", "load_run_config", "run_config"]
@@ -185,8 +187,6 @@ def _existing(base: Path, key: str, text: str, path: Path, kind: str = "file") -
 def _bif_table(table: Mapping[str, Any], path: Path) -> dict[str, Any]:
     """The ``[bif]`` values as BIFConfig fields: strings are read like the CLI flags ("auto",
     "none"/"full" for None, numbers), since TOML has no None."""
-    from bif.cli import _value_parser
-
     hints = typing.get_type_hints(BIFConfig)
     out: dict[str, Any] = {}
     for name, value in table.items():
@@ -197,7 +197,7 @@ def _bif_table(table: Mapping[str, Any], path: Path) -> dict[str, Any]:
             )
         if isinstance(value, str) and hints[name] is not bool:
             try:
-                value = _value_parser(name, hints[name])[0](value)
+                value = value_parser(name, hints[name])[0](value)
             except argparse.ArgumentTypeError as err:
                 raise RunConfigError(f"{path}: [bif] {name} = {value!r}: {err}.") from err
         out[name] = value
@@ -571,8 +571,6 @@ def _toml_value(v: Any) -> str:
 def resolved_toml(spec: RunSpec, result: BIFResult) -> str:
     """The configuration as run: absolute paths, and ``[bif]`` holding every field of
     ``result.config`` (automatic values resolved). A valid run configuration itself."""
-    from bif import __version__
-
     top: dict[str, Any] = {
         "entry": spec.entry,
         "hf_model": str(spec.hf_model) if spec.hf_model else None,
@@ -615,8 +613,9 @@ def _distributed() -> tuple[bool, bool]:
 
 def _write_report(spec: RunSpec, inputs: RunInputs, result: BIFResult, result_dir: Path) -> Path:
     """The page ``bif report`` would build: token heatmaps for a per-token result, else cards."""
-    from bif.lm.report import save_lm_text, write_lm_report
+    from bif.lm.text import save_lm_text
     from bif.report import write_report
+    from bif.report.lm import write_lm_report
 
     path = spec.out / REPORT_FILE
     source = spec.entry or str(spec.hf_model)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from bif.checkpoint import load_tensors, save_tensors
 from bif.errors import ArtifactError, ConfigError, SelectionError
+from bif.validate import check_k
 
 TOKENS_FILE = "tokens.safetensors"
 Side = Literal["train", "query"]
@@ -225,8 +226,6 @@ class TokenTraces:
 
     @staticmethod
     def _top(row: Tensor, index: Tensor, k: int) -> list[TokenInfluence]:
-        from bif.result import check_k
-
         check_k(k)
         order = torch.argsort(row)[:k]
         return [

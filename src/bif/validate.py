@@ -1,4 +1,5 @@
-"""Coercion and validation of the arguments a user passes to :func:`bif.attribute`.
+"""Coercion and validation of the arguments a user passes to :func:`bif.attribute` (and to a
+result's queries, such as ``k``).
 
 Each helper either returns the argument in the one form the rest of bif expects (a
 ``torch.device``, a ``torch.dtype``, a :class:`BIFConfig`) or raises a typed error from
@@ -267,3 +268,9 @@ def model_call(
         raise
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
         raise model_failure(e, name, start, count, batch, module) from e
+
+
+def check_k(k: object) -> None:
+    """``k`` (how many top examples or tokens to list) must be a positive integer."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k must be a positive integer (how many to list), got {k!r}.")

@@ -12,16 +12,12 @@ bif's CPU torch as is).
 from __future__ import annotations
 
 import copy
-import functools
-import importlib
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from bif.baselines import lm_methods
 from bif.baselines.base import AttributionContext
 from bif.baselines.peers import (
     Params,
@@ -33,55 +29,15 @@ from bif.baselines.peers import (
     model_device,
     non_negative,
     positive_int,
+    projector_kwargs,
+    quiet_dattri,
     require,
     resolve_task,
     seeded,
+    with_projector,
 )
 from bif.errors import ConfigError
 from bif.task import margin
-
-
-def _projector(dim: int, seed: int, device: torch.device, kind: str) -> dict[str, Any]:
-    # Every key is given, so nothing comes from dattri's shared (mutable) defaults.
-    return {
-        "proj_dim": dim,
-        "proj_max_batch_size": 32,
-        "proj_seed": seed,
-        "proj_type": kind,
-        "device": device.type,
-    }
-
-
-def _with_projector(cls: type, **kwargs: Any) -> Any:
-    """Construct a dattri attributor that takes ``projector_kwargs`` without leaking them.
-
-    dattri's TRAK and TracIn update their module-level ``DEFAULT_PROJECTOR_KWARGS`` in place;
-    this restores the defaults and gives the attributor its own copy.
-    """
-    defaults = importlib.import_module(cls.__module__).DEFAULT_PROJECTOR_KWARGS
-    saved = dict(defaults)
-    try:
-        attributor = cls(**kwargs)
-        attributor.projector_kwargs = dict(attributor.projector_kwargs)
-    finally:
-        defaults.clear()
-        defaults.update(saved)
-    return attributor
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence dattri's progress bars (it has no switch; bif logs instead of printing)."""
-    names = ("dattri.algorithm.base", "dattri.algorithm.trak", "dattri.algorithm.tracin")
-    modules = [importlib.import_module(name) for name in names]
-    saved = [(m, m.tqdm) for m in modules if hasattr(m, "tqdm")]
-    for module, bar in saved:
-        module.tqdm = functools.partial(bar, disable=True)
-    try:
-        yield
-    finally:
-        for module, bar in saved:
-            module.tqdm = bar
 
 
 def _num_params(model: nn.Module) -> int:
@@ -138,8 +94,6 @@ class TRAK:
         from dattri.algorithm.trak import TRAKAttributor
         from dattri.task import AttributionTask
 
-        from bif.baselines import lm_methods
-
         if lm_methods.is_lm_context(ctx):  # token batches: the LM adapter
             return lm_methods.trak_scores(self, ctx)
         q, n = check_context(ctx)
@@ -171,15 +125,15 @@ class TRAK:
                 return torch.zeros((), device=device)
 
         atask = AttributionTask(loss_func=output, model=model, checkpoints=checkpoints)
-        attributor = _with_projector(
+        attributor = with_projector(
             TRAKAttributor,
             task=atask,
             correct_probability_func=p_correct,
-            projector_kwargs=_projector(self.proj_dim, self.seed, device, "normal"),
+            projector_kwargs=projector_kwargs(self.proj_dim, self.seed, device, "normal"),
             device=device.type,
             regularization=self.damping,
         )
-        with seeded(self.seed), _quiet():
+        with seeded(self.seed), quiet_dattri():
             attributor.cache(loader(ctx.x_train, ctx.y_train, self.batch_size))
             raw = attributor.attribute(loader(ctx.x_query, ctx.y_query, self.batch_size))
         # Positive TRAK = training on n raises the query's margin (lowers its loss): negate.
@@ -231,15 +185,15 @@ class TracIn:
         atask = AttributionTask(loss_func=loss, model=model, checkpoints=list(ctx.checkpoints))
         kind = "identity" if self.proj_dim is None else "normal"
         dim = _num_params(model) if self.proj_dim is None else self.proj_dim
-        attributor = _with_projector(
+        attributor = with_projector(
             TracInAttributor,
             task=atask,
             weight_list=torch.tensor([float(lr) for lr in ctx.learning_rates]),
             normalized_grad=self.normalize,
-            projector_kwargs=_projector(dim, self.seed, device, kind),
+            projector_kwargs=projector_kwargs(dim, self.seed, device, kind),
             device=device.type,
         )
-        with seeded(self.seed), _quiet():
+        with seeded(self.seed), quiet_dattri():
             raw = attributor.attribute(
                 loader(ctx.x_train, ctx.y_train, self.batch_size),
                 loader(ctx.x_query, ctx.y_query, self.batch_size),

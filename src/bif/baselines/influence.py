@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.func import grad, hessian, jvp, vmap
 
 from bif.baselines.base import AttributionContext
-from bif.baselines.gradsim import (
+from bif.baselines.gradients import (
     F64,
     GradientSource,
     context_task,

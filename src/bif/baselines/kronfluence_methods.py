@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from bif.baselines import lm_methods
 from bif.baselines.base import AttributionContext
 from bif.baselines.peers import (
     bif_scores,
@@ -126,8 +127,6 @@ class EKFAC:
         from kronfluence.arguments import FactorArguments, ScoreArguments
         from kronfluence.module.tracked_module import TrackedModule
         from kronfluence.task import Task as KronTask
-
-        from bif.baselines import lm_methods
 
         if lm_methods.is_lm_context(ctx):  # token batches: the LM adapter
             return lm_methods.ekfac_scores(self, ctx)

@@ -32,11 +32,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
 
 from bif.baselines.base import AttributionContext
-from bif.errors import DataError
+from bif.baselines.gradients import F64, eval_mode, normalise
+from bif.baselines.peers import (
+    bif_scores,
+    model_device,
+    projector_kwargs,
+    quiet_dattri,
+    seeded,
+    with_projector,
+)
+from bif.errors import ConfigError, DataError
+from bif.lm.task import CausalLMTask
 
-F64 = torch.float64
 Batch = dict[str, Tensor]
 
 
@@ -71,8 +81,6 @@ def _row(batch: Batch, i: int) -> Batch:
 
 def sequence_gradients(model: nn.Module, batch: Batch) -> Iterator[Tensor]:
     """Per-sequence gradients of the sequence loss, flattened ``[P]`` (float32), in order."""
-    from bif.lm.task import CausalLMTask
-
     task = CausalLMTask()
     params = [p for p in model.parameters() if p.requires_grad]
     for i in range(num_rows(batch)):
@@ -88,18 +96,16 @@ def sequence_gradients(model: nn.Module, batch: Batch) -> Iterator[Tensor]:
 
 def gradsim_scores(ctx: AttributionContext, cosine: bool) -> Tensor:
     """``-<g_q, g_n>`` (or ``-cos``) ``[Q, N]`` float64 from sequence-loss gradients at w*."""
-    from bif.baselines.gradsim import _normalise, eval_mode
-
     q, n = lm_sizes(ctx)
     with eval_mode(ctx.model):
         gq = torch.stack(list(sequence_gradients(ctx.model, ctx.x_query))).to(F64)
         if cosine:
-            gq = _normalise(gq)
+            gq = normalise(gq)
         out = torch.empty(q, n, dtype=F64)
         for j, g in enumerate(sequence_gradients(ctx.model, ctx.x_train)):
             g = g.to(F64).unsqueeze(0)
             if cosine:
-                g = _normalise(g)
+                g = normalise(g)
             out[:, j] = -(gq @ g.T).squeeze(1)
     return out
 
@@ -109,8 +115,6 @@ def gradsim_scores(ctx: AttributionContext, cosine: bool) -> Tensor:
 
 def _sequence_losses(logits: Tensor, batch: Batch, targets: Tensor | None = None) -> Tensor:
     """Summed next-token losses ``[B]`` over the attributed tokens, from logits ``[B, S, V]``."""
-    from bif.lm.task import CausalLMTask
-
     mask = CausalLMTask().token_mask(batch)[:, 1:]
     ids = batch["input_ids"][:, 1:] if targets is None else targets
     ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids, reduction="none")
@@ -156,8 +160,6 @@ def ekfac_scores(method: Any, ctx: AttributionContext) -> Tensor:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
-    from bif.baselines.peers import bif_scores, seeded
-
     q, n = lm_sizes(ctx)
     task = _kron_task(__import__("kronfluence.task", fromlist=["Task"]).Task, method.seed)
     model = prepare_model(copy.deepcopy(ctx.model).eval(), task)
@@ -201,12 +203,6 @@ def trak_scores(method: Any, ctx: AttributionContext) -> Tensor:
     """TRAK scores ``[Q, N]`` of a causal-LM context (``method``: a configured ``TRAK``)."""
     from dattri.algorithm.trak import TRAKAttributor
     from dattri.task import AttributionTask
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from bif.baselines.dattri_methods import _projector, _quiet, _with_projector
-    from bif.baselines.peers import bif_scores, model_device, seeded
-    from bif.errors import ConfigError
-    from bif.lm.task import CausalLMTask
 
     q, n = lm_sizes(ctx)
     if method.ensemble_size != 1:
@@ -237,15 +233,15 @@ def trak_scores(method: Any, ctx: AttributionContext) -> Tensor:
 
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     atask = AttributionTask(loss_func=output, model=model, checkpoints=[state])
-    attributor = _with_projector(
+    attributor = with_projector(
         TRAKAttributor,
         task=atask,
         correct_probability_func=p_correct,
-        projector_kwargs=_projector(method.proj_dim, method.seed, device, "normal"),
+        projector_kwargs=projector_kwargs(method.proj_dim, method.seed, device, "normal"),
         device=device.type,
         regularization=method.damping,
     )
-    with seeded(method.seed), _quiet():
+    with seeded(method.seed), quiet_dattri():
         attributor.cache(loader(ctx.x_train))
         raw = attributor.attribute(loader(ctx.x_query))
     return bif_scores(raw.T, q, n, "TRAK", negate=True)

@@ -7,6 +7,7 @@ says how to install it. Everything here is plain torch so that importing bif nev
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -148,3 +149,50 @@ def bif_scores(raw: Tensor, q: int, n: int, method: str, negate: bool) -> Tensor
             "increase damping (LiSSA: or scaling; CG: or lower max_iter once converged)."
         )
     return -out if negate else out
+
+
+# --- dattri (TRAK, TracIn; classification and causal-lm adapters) ---------------------------
+
+
+def projector_kwargs(dim: int, seed: int, device: torch.device, kind: str) -> dict[str, Any]:
+    """dattri's ``projector_kwargs`` for a random projection to ``dim`` (every key is given, so
+    nothing comes from dattri's shared, mutable defaults)."""
+    return {
+        "proj_dim": dim,
+        "proj_max_batch_size": 32,
+        "proj_seed": seed,
+        "proj_type": kind,
+        "device": device.type,
+    }
+
+
+def with_projector(cls: type, **kwargs: Any) -> Any:
+    """Construct a dattri attributor that takes ``projector_kwargs`` without leaking them.
+
+    dattri's TRAK and TracIn update their module-level ``DEFAULT_PROJECTOR_KWARGS`` in place;
+    this restores the defaults and gives the attributor its own copy.
+    """
+    defaults = importlib.import_module(cls.__module__).DEFAULT_PROJECTOR_KWARGS
+    saved = dict(defaults)
+    try:
+        attributor = cls(**kwargs)
+        attributor.projector_kwargs = dict(attributor.projector_kwargs)
+    finally:
+        defaults.clear()
+        defaults.update(saved)
+    return attributor
+
+
+@contextmanager
+def quiet_dattri() -> Iterator[None]:
+    """Silence dattri's progress bars (it has no switch; bif logs instead of printing)."""
+    names = ("dattri.algorithm.base", "dattri.algorithm.trak", "dattri.algorithm.tracin")
+    modules = [importlib.import_module(name) for name in names]
+    saved = [(m, m.tqdm) for m in modules if hasattr(m, "tqdm")]
+    for module, bar in saved:
+        module.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        for module, bar in saved:
+            module.tqdm = bar

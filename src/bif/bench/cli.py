@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bif.errors import ConfigError
+from bif.flags import add_config_flags
 
 SWEEP_CHAINS = (2, 4, 8, 16)
 SWEEP_DRAWS = (25, 50, 100, 200, 400)
@@ -25,7 +26,7 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
-def add_bench_parser(sub: Any, add_config_flags: Any) -> None:
+def add_bench_parser(sub: Any) -> None:
     from bif.bench.runner import DEFAULT_METHODS, METHODS
 
     bench = sub.add_parser(

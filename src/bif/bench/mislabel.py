@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from bif.baselines.base import AttributionContext
-from bif.baselines.gradsim import eval_mode
+from bif.baselines.gradients import eval_mode
 from bif.bench.memory import measured
 from bif.bench.runner import METHODS, collect_rows, environment_meta, make_context
 from bif.bench.settings import load_setting

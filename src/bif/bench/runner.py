@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from bif import __version__
+from bif._version import __version__
 from bif.baselines.base import AttributionContext, Attributor
 from bif.bench.memory import measured
 from bif.bench.settings import Setting, load_setting
@@ -93,7 +93,7 @@ SETTING_METHODS: dict[str, tuple[str, ...]] = {"shakespeare": ("bif", "grad-dot"
                                                                 "ekfac", "trak")}  # fmt: skip
 SETTING_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
     "shakespeare": {
-        # Unit mass, as in `bif demo lm` (bif.lm.demo.DEMO_CONFIG says why).
+        # Unit mass, as in `bif demo lm` (bif.demo_lm.DEMO_CONFIG says why).
         "bif": dict(
             num_chains=8,
             num_burnin=100,

@@ -4,7 +4,7 @@ For each setting (``digits``: the demo's MLP, ``mnist``: the MNIST MLP, ``tiny-l
 Shakespeare transformer of ``bif demo lm``) one process times
 
 - the **run**: ``bif.attribute`` at the library's defaults (``tiny-lm``: the LM demo's pinned
-  :data:`bif.lm.demo.DEMO_CONFIG`, as ``bif demo lm`` runs it). Its wall time is reported whole
+  :data:`bif.demo_lm.DEMO_CONFIG`, as ``bif demo lm`` runs it). Its wall time is reported whole
   (``total``), as ``meta["sampling_seconds"]`` (curvature pass, pilot and sampling loop), and
   as the sampling loop alone (``sampling_only``: ``sampling_seconds`` minus the curvature pass's
   ``meta["preconditioner"]["seconds"]`` and the pilot's ``meta["preconditioner"]["pilot"]
@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from bif import __version__
+from bif._version import __version__
 from bif.bench.memory import PeakMemory
 from bif.config import BIFConfig
 from bif.errors import ConfigError, DataError
@@ -137,14 +137,14 @@ def _image_workload(name: str, quick: bool) -> Workload:
 
 def _lm_workload(quick: bool) -> Workload:
     try:
-        from bif.lm.demo import DEMO_CONFIG, NUM_QUERIES, NUM_TRAIN, demo_passages, pick_queries
-        from bif.lm.finetune import DEFAULT_FINETUNE, finetune
+        from bif.bench.lm.finetune import DEFAULT_FINETUNE, finetune, finetune_passages
+        from bif.bench.lm.tiny import load_tiny_lm
+        from bif.demo_lm import DEMO_CONFIG, NUM_QUERIES, NUM_TRAIN, pick_queries
         from bif.lm.task import encode
-        from bif.lm.tiny import load_tiny_lm
     except ImportError as e:  # transformers is an optional dependency
         raise DataError(f"the tiny LM needs transformers ({e}): pip install 'bif[lm]'.") from e
 
-    # The shipped pretrained model (bif/lm/assets), fine-tuned as `bif demo lm` does it.
+    # The shipped pretrained model (bif/bench/lm/assets), fine-tuned as `bif demo lm` does it.
     tiny = load_tiny_lm(progress=False)
     tok = tiny.tokenizer
     notes = ["run config: the LM demo's DEMO_CONFIG (bif demo lm), not the library default"]
@@ -159,7 +159,7 @@ def _lm_workload(quick: bool) -> Workload:
                      f"{q} queries")  # fmt: skip
     else:
         n, q = NUM_TRAIN, NUM_QUERIES
-        fine, rest = demo_passages(tiny, n)
+        fine, rest = finetune_passages(tiny, n)
         model = finetune(tiny.model, [tok(p.text)["input_ids"] for p in fine], DEFAULT_FINETUNE)
         texts, queries = [p.text for p in fine], [p.text for p in pick_queries(rest, q)]
     prompts = [t.partition("\n")[0] + "\n" for t in queries]  # the speaker: context only

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from bif.bench.settings import Setting
+from bif.bench.setting import Setting
 from bif.config import config_diff
 from bif.errors import ArtifactError
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import bif
-from bif.bench.settings import Setting
+from bif.bench.setting import Setting
 from bif.bench.training import batched_logits
 from bif.config import config_diff
 from bif.errors import ArtifactError, ConfigError

@@ -10,12 +10,13 @@ result.tokens.token_scores()             # [Kq, Kn] token x token BIF, in memory
 result.tokens.top_train_tokens(0, position=5)
 result.save("out"); save_lm_text("out", tokenizer, train, query)   # then `bif report out`
 
-Only this package's task and encoding helpers are imported here; the Shakespeare corpus, the
-tiny model and the pretrained loader (which need ``transformers``) live in their own modules.
+The task, the encoding and the token text (``lm.json``, for ``bif report``) are imported here;
+the pretrained SmolLM2 loader (which needs ``transformers``) is :mod:`bif.lm.pretrained`. The
+tiny Shakespeare model and its corpus are benchmark and demo material: :mod:`bif.bench.lm`.
 """
 
-from bif.lm.report import save_lm_text
 from bif.lm.task import CausalLMTask, encode, is_token_task
+from bif.lm.text import save_lm_text
 from bif.tokens import TokenInfluence, TokenTraces
 
 __all__ = [

@@ -7,7 +7,7 @@ write_report("report.html", BIFResult.load("run/result"),
 Without views every training example is still a card with its score ± stderr, its loss at w*
 and whether the score is distinguishable from zero. Per-token results (causal LMs) get token
 heatmaps instead: :mod:`bif.report.tokens`, built from a saved result by
-:func:`bif.lm.report.write_lm_report`.
+:func:`bif.report.lm.write_lm_report`.
 """
 
 from bif.report.cards import train_example

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bif import __version__
+from bif._version import __version__
 from bif.report.cards import group, tags, train_example, view_body
 from bif.report.diagnostics import (
     banner_html,

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bif import __version__
+from bif._version import __version__
 from bif.report.diagnostics import (
     banner_html,
     chain_diagnostics_html,
@@ -87,7 +87,7 @@ def _missing_text_notice(result_dir: str) -> str:
         "token is shown by its <b>position</b> in its sequence. To see the words, save the "
         "text once with the tokenizer and the encoded batches you gave "
         "<code>bif.attribute</code>, then run <code>bif report</code> again:</p>"
-        f"<pre>from bif.lm.report import save_lm_text\nsave_lm_text({e(d)}, tokenizer, train, "
+        f"<pre>from bif.lm import save_lm_text\nsave_lm_text({e(d)}, tokenizer, train, "
         "query)\n# then: bif report " + e(result_dir) + "</pre>"
         "<p>(<code>save_token_text</code> takes the token strings themselves, if you have "
         "them.)</p></section>"

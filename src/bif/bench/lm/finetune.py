@@ -3,11 +3,14 @@ LM benchmark explain.
 
 Attribution asks which of the data a model was trained on made it predict what it does. For a
 language model the practical case is fine-tuning: a pretrained model (here the cached tiny
-Shakespeare LM of :mod:`bif.lm.tiny`) is trained further on a few hundred passages, and the BIF
-attributes its predictions to those passages. Fine-tuning runs close to convergence on them, so
-the checkpoint is (nearly) a minimum of the attributed data's loss, which is what the local
+Shakespeare LM of :mod:`bif.bench.lm.tiny`) is trained further on a few hundred passages, and the
+BIF attributes its predictions to those passages. Fine-tuning runs close to convergence on them,
+so the checkpoint is (nearly) a minimum of the attributed data's loss, which is what the local
 posterior around w* assumes; retraining on subsets (the LDS ground truth) repeats the same
 recipe from the same pretrained weights.
+
+The passages are :func:`finetune_passages`: passages of one play (*Hamlet*) that the pretrained
+model never saw, in a seeded order; the demo and the benchmark setting both take theirs from it.
 """
 
 from __future__ import annotations
@@ -18,11 +21,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from bif.bench.lm.shakespeare import Passage, load_speeches, make_passages
+from bif.bench.lm.tiny import TinyLM, run_epochs
 from bif.demo import torch_threads
 from bif.errors import ConfigError, DataError
-from bif.lm.tiny import run_epochs
+
+PLAY = "Hamlet"  # the fine-tuning play
+SPLIT_SEED = 0  # the seeded order of its unseen passages
 
 
 @dataclass(frozen=True)
@@ -77,3 +85,23 @@ def finetune(
 
 def steps_per_run(num_sequences: int, recipe: FinetuneRecipe = DEFAULT_FINETUNE) -> int:
     return recipe.epochs * math.ceil(num_sequences / recipe.batch_size)
+
+
+def finetune_passages(
+    tiny: TinyLM, num_train: int, play: str = PLAY
+) -> tuple[list[Passage], list[Passage]]:
+    """Passages of ``play`` that the pretrained model never saw, in a seeded order: the first
+    ``num_train`` for fine-tuning, the rest held out.
+
+    Raises:
+        ConfigError: the play has no more than ``num_train`` unseen passages.
+    """
+    seen = {p.text for p in (*tiny.split.train, *tiny.split.heldout)}
+    pool = [
+        p for p in make_passages(load_speeches(), tiny.tokenizer)
+        if p.play == play and p.text not in seen
+    ]  # fmt: skip
+    if len(pool) < num_train + 1:
+        raise ConfigError(f"{play} has {len(pool)} unseen passages; ask for fewer than that.")
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(pool))
+    return [pool[i] for i in order[:num_train]], [pool[i] for i in order[num_train:]]

@@ -1,9 +1,9 @@
 """The language demo: per-token BIF of a tiny Shakespeare transformer, with a heatmap report.
 
 :func:`run_lm_demo` loads (training on first use, then from the cache) the tiny Llama-style
-model of :mod:`bif.lm.tiny`, pretrained on 3,000 passages from all plays; fine-tunes it on
-``num_train`` passages of *Hamlet* that it has not seen (:mod:`bif.lm.finetune`); attributes a few
-other, held-out *Hamlet* speeches to those fine-tuning passages; and writes::
+model of :mod:`bif.bench.lm.tiny`, pretrained on 3,000 passages from all plays; fine-tunes it on
+``num_train`` passages of *Hamlet* that it has not seen (:mod:`bif.bench.lm.finetune`); attributes
+a few other, held-out *Hamlet* speeches to those fine-tuning passages; and writes::
 
     out_dir/report.html      token heatmaps: each query coloured by a chosen training passage,
                              the strongest passages coloured token by token
@@ -30,17 +30,20 @@ from typing import Any
 import torch
 
 from bif.api import attribute
+from bif.bench.lm import finetune as ft
+from bif.bench.lm import tiny as tiny_lm
+from bif.bench.lm.finetune import PLAY
+from bif.bench.lm.shakespeare import token_strings
 from bif.config import BIFConfig
 from bif.demo import torch_threads
 from bif.errors import ConfigError
-from bif.lm.report import save_token_text, write_lm_report
 from bif.lm.task import CausalLMTask, encode
+from bif.lm.text import save_token_text
+from bif.report.lm import write_lm_report
 from bif.result import BIFResult
 
 log = logging.getLogger(__name__)
 
-PLAY = "Hamlet"
-SPLIT_SEED = 0
 NUM_TRAIN = 128
 NUM_QUERIES = 4
 # A shorter run than the library default (8 x (200 + 500 x 10) steps): 4 chains of
@@ -95,24 +98,6 @@ def pick_queries(heldout: list[Any], num_queries: int) -> list[Any]:
     return out
 
 
-def demo_passages(tiny: Any, num_train: int, play: str = PLAY) -> tuple[list[Any], list[Any]]:
-    """Passages of ``play`` that the pretrained model never saw, in a seeded order: the first
-    ``num_train`` for fine-tuning, the rest held out."""
-    import numpy as np
-
-    from bif.lm.shakespeare import load_speeches, make_passages
-
-    seen = {p.text for p in (*tiny.split.train, *tiny.split.heldout)}
-    pool = [
-        p for p in make_passages(load_speeches(), tiny.tokenizer)
-        if p.play == play and p.text not in seen
-    ]  # fmt: skip
-    if len(pool) < num_train + 1:
-        raise ConfigError(f"{play} has {len(pool)} unseen passages; ask for fewer than that.")
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(pool))
-    return [pool[i] for i in order[:num_train]], [pool[i] for i in order[num_train:]]
-
-
 def run_lm_demo(
     out_dir: str | Path = "bif-demo-lm",
     num_queries: int = NUM_QUERIES,
@@ -135,27 +120,26 @@ def run_lm_demo(
         progress: progress bars (first training, sampling).
         threads: torch CPU threads while the demo runs (None: torch's default).
         cache_dir: where the trained model is cached (default ``$BIF_CACHE`` or ~/.cache/bif).
-        recipe: the tiny LM's :class:`bif.lm.tiny.TinyLMRecipe` (default: the library's).
-        finetune_recipe: a :class:`bif.lm.finetune.FinetuneRecipe` (default: the library's).
+        recipe: the tiny LM's :class:`bif.bench.lm.tiny.TinyLMRecipe` (default: the library's).
+        finetune_recipe: a :class:`bif.bench.lm.finetune.FinetuneRecipe` (default: the
+            library's).
         **hyperparams: :class:`BIFConfig` fields overriding the demo's run length or rules.
     """
-    from bif.lm.finetune import DEFAULT_FINETUNE, finetune
-    from bif.lm.shakespeare import token_strings
-    from bif.lm.tiny import DEFAULT_RECIPE, load_tiny_lm, mean_token_loss
-
     t0 = time.perf_counter()
     cfg = BIFConfig().replace(**{**DEMO_CONFIG, **hyperparams})
     if num_queries < 1 or num_train < 2:
         raise ConfigError("the LM demo needs num_queries >= 1 and num_train >= 2.")
     out_dir = Path(out_dir)
     with torch_threads(threads):
-        tiny = load_tiny_lm(cache_dir, progress=progress, recipe=recipe or DEFAULT_RECIPE)
+        # The default recipes are read here, not bound at import (tests swap in small ones).
+        recipe = recipe or tiny_lm.DEFAULT_RECIPE
+        tiny = tiny_lm.load_tiny_lm(cache_dir, progress=progress, recipe=recipe)
         tok = tiny.tokenizer
-        fine, rest = demo_passages(tiny, num_train)
-        model = finetune(
+        fine, rest = ft.finetune_passages(tiny, num_train)
+        model = ft.finetune(
             tiny.model,
             [tok(p.text)["input_ids"] for p in fine],
-            finetune_recipe or DEFAULT_FINETUNE,
+            finetune_recipe or ft.DEFAULT_FINETUNE,
         )
         train_seconds = time.perf_counter() - t0
         queries = pick_queries(rest, num_queries)
@@ -164,8 +148,8 @@ def run_lm_demo(
         train = encode(tok, train_texts)
         query = encode(tok, query_texts, prompts=[_prompt(t) for t in query_texts])
         heldout_ids = [tok(p.text)["input_ids"] for p in rest]
-        heldout_loss = mean_token_loss(model, heldout_ids)
-        train_loss = mean_token_loss(model, [tok(t)["input_ids"] for t in train_texts])
+        heldout_loss = tiny_lm.mean_token_loss(model, heldout_ids)
+        train_loss = tiny_lm.mean_token_loss(model, [tok(t)["input_ids"] for t in train_texts])
         task = CausalLMTask()
         with torch.no_grad():
             q_loss = task.token_losses(model, query)  # [Q, S] at w*
@@ -195,7 +179,7 @@ def run_lm_demo(
             "the speech (not the speaker's name) is attributed.",
             "report_meta": {
                 "model": f"LlamaForCausalLM, {sum(p.numel() for p in model.parameters()):,}"
-                " parameters (bif.lm.tiny), fine-tuned (bif.lm.finetune)",
+                " parameters (bif.bench.lm.tiny), fine-tuned (bif.bench.lm.finetune)",
                 "fine-tuning loss (nats/token)": round(train_loss, 4),
                 "held-out loss (nats/token)": round(heldout_loss, 4),
                 "queries (speaker)": "; ".join(p.speaker for p in queries),
