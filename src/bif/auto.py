@@ -36,6 +36,7 @@ from bif.data import DataSource
 from bif.errors import DataError
 from bif.functional import FunctionalModel
 from bif.sampler.kronecker import KroneckerMass
+from bif.sampler.kronecker_build import build_kronecker_mass
 from bif.sampler.mass import LowRankMass, flatten, unflatten
 from bif.spectrum import (
     localised_directions,
@@ -163,7 +164,7 @@ def resolve_auto(
     )
     if pre:
         log.info("preconditioner: %s (%s)", kind, why)
-        curv.info["preconditioner"] = {"kind": kind, "why": why}
+        curv.info["mass"] = {"kind": kind, "why": why}
     t0 = time.perf_counter()
     # The subsample's batches are only built when a rule or the mass needs HVPs.
     counted = (
@@ -388,9 +389,7 @@ def _kronecker(
     rank: int,
 ) -> KroneckerMass:  # fmt: skip
     """The Kronecker mass's factors (reused from ``curv`` when re-resolving); its build cost
-    goes into ``curv.info["preconditioner"]``."""
-    from bif.sampler.kronecker_build import build_kronecker_mass
-
+    goes into ``curv.info["mass"]``."""
     assert not isinstance(cfg.nbeta, str) and not isinstance(cfg.gamma, str)
     if curv.kronecker is not None:
         return curv.kronecker
@@ -404,5 +403,5 @@ def _kronecker(
         factored_layers=len(info["factored"]), corrected_layers=len(info["eigen_correction"]),
         fallback=sorted(info["fallback"]),
     )  # fmt: skip
-    curv.info["preconditioner"].update(keep)
+    curv.info["mass"].update(keep)
     return mass

@@ -34,7 +34,14 @@ MEANINGS: dict[str, str] = {
     "model_was_training": "the model came in training mode (sampled in eval mode)",
     "per_token": "per-token traces were recorded (causal-LM tasks)",
     "device": "where the chains ran",
-    "preconditioner": "the low-rank mass matrix built from Hessian eigenpairs at w*",
+    "preconditioner": "the curvature pass at w*: the mass matrix and the automatic rules",
+    "preconditioner.mass": "which mass the kinetic sampler got, why, and what it cost",
+    "preconditioner.mass.kind": "lowrank (Hessian eigenpairs), kronecker (per-layer K-FAC "
+    "factors) or identity",
+    "preconditioner.mass.bytes": "memory of the Kronecker mass",
+    "preconditioner.mass.seconds": "time to build the Kronecker factors",
+    "preconditioner.kmin_posterior": "smallest eigenvalue of (nβH + γI)/γ (the posterior "
+    "exists if > 0)",
     "preconditioner.rank": "Hessian eigenpairs in the mass matrix",
     "preconditioner.hvps": "Hessian-vector products in the whole curvature pass",
     "preconditioner.eigenpair_hvps": "of which the eigensolver (0: read from run_dir)",
