@@ -174,9 +174,11 @@ def test_rank_is_lowered_to_fit_the_lanczos_budget(monkeypatch) -> None:
     assert auto.affordable_rank(64, 40) == 39
     monkeypatch.setattr(auto, "LANCZOS_BUDGET_MB", 1e-3)
     model, x, y = mlp_problem()
+    # (preconditioner='auto' takes the Kronecker mass there: tests/test_preconditioner_choice)
     with pytest.warns(UserWarning, match="sampling with unit mass instead"):
         res = bif.attribute(model, (x, y), (x[:3], y[:3]), num_chains=2, num_draws=3,
-                            num_burnin=2, thin=1, progress=False)  # fmt: skip
+                            num_burnin=2, thin=1, progress=False,
+                            preconditioner="lowrank")  # fmt: skip
     assert "rank" not in res.meta["preconditioner"]
     assert res.config.friction == pytest.approx(2 * math.sqrt(res.config.gamma))
 

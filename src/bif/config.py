@@ -107,9 +107,9 @@ class BIFConfig:
     )
     preconditioner: Literal["auto", "lowrank", "kronecker"] = _f(
         "auto",
-        "'kinetic' sampler's mass matrix: 'lowrank' (γI + top-k Hessian eigenpairs, dense [P, k]), "
-        "'kronecker' (per-layer K-FAC blocks nβ·G⊗A + γI of Linear/Conv2d/Embedding weights, "
-        "top-k eigenpairs per factor, γI elsewhere; memory linear in the layer widths), or "
+        "'kinetic' sampler's mass matrix: 'lowrank' (γI + the top k Hessian eigenpairs, dense "
+        "[P, k]), 'kronecker' (one K-FAC block nβ·G⊗A + γI per Linear, Conv2d or Embedding "
+        "weight, k eigenpairs per factor, γI elsewhere; memory linear in the layer widths), or "
         "'auto': lowrank where its Lanczos workspace holds rank k, kronecker beyond",
     )
     negative_curvature: Literal["lower", "localise"] = _f(
