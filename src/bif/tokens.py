@@ -173,6 +173,35 @@ class TokenTraces:
         den = (var_a * var_b).sqrt()
         return torch.where(den > 0, cov / den, torch.zeros_like(cov))
 
+    def columns(self, side: Side, index: Tensor) -> Tensor:
+        """Column indices ``[K]`` of the tokens ``index`` ``[K, 2]`` ``(sequence, position)``.
+
+        Raises:
+            SelectionError: a token of ``index`` is not attributed in this result.
+        """
+        where = {(int(a), int(b)): k for k, (a, b) in enumerate(self._index(side).tolist())}
+        cols = []
+        for seq, pos in torch.as_tensor(index).long().view(-1, 2).tolist():
+            if (seq, pos) not in where:
+                self._column_at(side, seq, pos)  # raises with the attributed positions
+            cols.append(where[(seq, pos)])
+        return torch.tensor(cols, dtype=torch.long)
+
+    def token_sequence_scores(self, query_tokens: Tensor | None = None) -> Tensor:
+        """``[kq, N]``: each training SEQUENCE's BIF on each query token's loss (None: all).
+
+        ``-mean_c Cov_c(l_{j,s'}, Σ_s l_{i,s})``; by bilinearity the sum over training tokens
+        of :meth:`token_scores`, and summed over a query's tokens it is the sequence BIF. Rows
+        are in the order of ``query_tokens`` (column indices, e.g. from :meth:`columns`).
+        """
+        n = int(self.train_index[:, 0].max()) + 1
+        kq = self.query.shape[2] if query_tokens is None else len(query_tokens)
+        self._check_output(kq, n)
+        b = self._columns("query", query_tokens)  # [C, D, kq]
+        a = self._sequence_sums("train", torch.arange(n))  # [C, D, N]
+        c, d = b.shape[:2]
+        return -torch.einsum("cdq,cdn->qn", b, a) / (c * (d - 1))
+
     def sequence_scores(self) -> Tensor:
         """Sequence-level BIF ``[Q, N]`` as sums of token-level BIFs, block by block."""
         q = int(self.query_index[:, 0].max()) + 1

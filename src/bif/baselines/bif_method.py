@@ -71,6 +71,21 @@ class BIFAttributor:
         """BIF scores ``[Q, N]``: ``-Cov_p(l_n, φ_q)``; negative = proponent."""
         return self.run(ctx).scores
 
+    def token_scores(self, ctx: AttributionContext, tokens: Tensor) -> Tensor:
+        """``[K, N]``: each training sequence's BIF on each sampled query token's loss,
+        ``-Cov_p(l_n, l_{j,s'})`` for ``tokens[k] = (j, s')``, from the per-token traces of the
+        LAST run on ``ctx`` (one sampling run gives both; run now if there was none).
+
+        Raises:
+            ConfigError: the run kept no per-token traces (not a causal-lm context).
+            SelectionError: a token of ``tokens`` is not an attributed query position.
+        """
+        result = self.result if self.result is not None else self.run(ctx)
+        if result.tokens is None:
+            raise ConfigError("per-token BIF scores need a causal-lm context (token traces).")
+        cols = result.tokens.columns("query", tokens)
+        return result.tokens.token_sequence_scores(cols)
+
     def diagnostics(self) -> dict[str, Any]:
         """The last run's draw-loss trace (mean training loss at each draw, averaged over
         chains, in 10 equal blocks of draws) and its value at w*: a plateau means burn-in was

@@ -17,6 +17,7 @@ from torch import Tensor
 from bif.baselines import lm_methods
 from bif.baselines.base import AttributionContext
 from bif.baselines.gradients import F64, GradientSource, context_task, eval_mode, normalise
+from bif.errors import ConfigError
 
 
 class _GradientSimilarity:
@@ -53,6 +54,15 @@ class _GradientSimilarity:
                     g = normalise(g)
                 out[:, start : start + g.shape[0]] = -(gq @ g.T)
         return out.cpu()
+
+    def token_scores(self, ctx: AttributionContext, tokens: Tensor) -> Tensor:
+        """``[K, N]`` against the gradient of each sampled query token's loss (causal-lm only;
+        :func:`bif.baselines.lm_tokens.token_gradsim_scores`)."""
+        from bif.baselines.lm_tokens import token_gradsim_scores
+
+        if not lm_methods.is_lm_context(ctx):
+            raise ConfigError("per-token scores need a causal-lm context.")
+        return token_gradsim_scores(ctx, tokens, self.cosine)
 
 
 class GradientDot(_GradientSimilarity):

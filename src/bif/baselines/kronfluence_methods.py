@@ -120,6 +120,16 @@ class EKFAC:
         self.seed = seed
         self.name = name
 
+    def token_scores(self, ctx: AttributionContext, tokens: Tensor) -> Tensor:
+        """``[K, N]`` with one measurement (the token's loss) per sampled query token
+        ``tokens[k] = (query, position)``; causal-lm only. UNTESTED here (no kronfluence)."""
+        require("kronfluence", "EK-FAC")
+        if not lm_methods.is_lm_context(ctx):
+            raise ConfigError("per-token EK-FAC scores need a causal-lm context.")
+        from bif.baselines.lm_tokens import ekfac_token_scores
+
+        return ekfac_token_scores(self, ctx, tokens)
+
     def scores(self, ctx: AttributionContext) -> Tensor:
         """Scores ``[Q, N]`` (negative = training on n lowers query q's loss)."""
         require("kronfluence", "EK-FAC")

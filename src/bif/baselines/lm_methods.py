@@ -157,14 +157,23 @@ def _rows(batch: Batch) -> list[Batch]:
 
 def ekfac_scores(method: Any, ctx: AttributionContext) -> Tensor:
     """EK-FAC scores ``[Q, N]`` of a causal-LM context (``method``: a configured ``EKFAC``)."""
+    q, n = lm_sizes(ctx)
+    task = _kron_task(__import__("kronfluence.task", fromlist=["Task"]).Task, method.seed)
+    raw = kron_pairwise(method, ctx, task, _rows(ctx.x_query))
+    return bif_scores(raw, q, n, "EK-FAC", negate=True)
+
+
+def kron_pairwise(method: Any, ctx: AttributionContext, task: Any, query: list[Any]) -> Tensor:
+    """kronfluence's raw pairwise scores ``[len(query), N]`` (its sign: positive = helpful):
+    factors fitted on the context's training sequences with ``task``, then one measurement
+    (``task.compute_measurement``) per item of ``query``."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
-    q, n = lm_sizes(ctx)
-    task = _kron_task(__import__("kronfluence.task", fromlist=["Task"]).Task, method.seed)
+    _, n = lm_sizes(ctx)
     model = prepare_model(copy.deepcopy(ctx.model).eval(), task)
     device = next(model.parameters()).device
-    train, query = _rows(ctx.x_train), _rows(ctx.x_query)
+    train = _rows(ctx.x_train)
     with (
         tempfile.TemporaryDirectory(prefix="bif-kronfluence-") as out_dir,
         seeded(method.seed),
@@ -188,12 +197,11 @@ def ekfac_scores(method: Any, ctx: AttributionContext) -> Tensor:
             factors_name=method.strategy,
             query_dataset=query,
             train_dataset=train,
-            per_device_query_batch_size=min(method.query_batch_size, q),
+            per_device_query_batch_size=min(method.query_batch_size, len(query)),
             per_device_train_batch_size=min(method.batch_size, n),
             score_args=ScoreArguments(damping_factor=method.damping),
         )
-        raw = analyzer.load_pairwise_scores("pairwise")["all_modules"]
-    return bif_scores(raw, q, n, "EK-FAC", negate=True)
+        return analyzer.load_pairwise_scores("pairwise")["all_modules"]
 
 
 # --- TRAK through dattri -----------------------------------------------------------------------

@@ -5,6 +5,10 @@ reference model, so the evaluation never knows who made the scores. Each row rep
 with its bootstrap interval over queries, the method's wall time and its peak memory (peak
 resident set size of the process while the method ran, reset before each method via
 ``/proc/self/clear_refs``; on CUDA, the peak allocated device memory).
+
+Where the ground truth has per-token targets (``token_targets``, causal-lm), methods with a
+``token_scores(ctx, tokens)`` (BIF, grad-dot, grad-cos, EK-FAC) also get the token-level LDS
+(:func:`bif.eval.metrics.token_lds`) over the ground truth's token sample, in extra columns.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from bif.baselines.base import AttributionContext, Attributor
 from bif.bench.memory import measured
 from bif.bench.settings import Setting, load_setting
 from bif.config import BIFConfig
-from bif.errors import ConfigError
-from bif.eval.metrics import lds
+from bif.errors import BIFError, ConfigError
+from bif.eval.ground_truth import GroundTruth
+from bif.eval.metrics import lds, token_lds
 from bif.eval.retrain import load_ground_truth, train_reference
 
 log = logging.getLogger(__name__)
@@ -130,6 +135,13 @@ class BenchRow:
     options: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     diagnostics: dict[str, Any] = field(default_factory=dict)  # e.g. BIF's draw-loss trace
+    # token-level LDS over the ground truth's token sample (NaN: no token targets or no
+    # per-token scores for this method); token_seconds: the extra time of the token scores
+    token_lds: float = float("nan")
+    token_ci_low: float = float("nan")
+    token_ci_high: float = float("nan")
+    token_seconds: float = float("nan")
+    excluded_tokens: int = 0
 
 
 def make_context(setting: Setting, model: torch.nn.Module) -> AttributionContext:
@@ -174,8 +186,13 @@ def trajectory(setting: Setting, count: int) -> tuple[list[dict[str, torch.Tenso
 def run_method(
     name: str, ctx: AttributionContext, gt_masks: torch.Tensor, gt_targets: torch.Tensor,
     options: dict[str, Any] | None = None, n_boot: int = 1000,
+    token_gt: GroundTruth | None = None,
 ) -> BenchRow:  # fmt: skip
-    """Score one method; errors become a row with ``error`` set instead of aborting the table."""
+    """Score one method; errors become a row with ``error`` set instead of aborting the table.
+
+    With ``token_gt`` (a ground truth with token targets) a method that has ``token_scores``
+    also gets the token-level LDS (scores ``[K, N]`` for ``token_gt.token_index`` ``[K, 2]``).
+    """
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; choose from {sorted(METHODS)}.")
     options = dict(options or {})
@@ -184,8 +201,18 @@ def run_method(
         scores, seconds, peak_mb = measured(lambda: method.scores(ctx))
         res = lds(scores, gt_masks, gt_targets, n_boot=n_boot)
         diag = method.diagnostics() if callable(getattr(method, "diagnostics", None)) else {}
-        return BenchRow(name, res.mean, res.ci_low, res.ci_high, seconds, peak_mb,
-                        res.num_excluded, options, diagnostics=diag)  # fmt: skip
+        row = BenchRow(name, res.mean, res.ci_low, res.ci_high, seconds, peak_mb,
+                       res.num_excluded, options, diagnostics=diag)  # fmt: skip
+        if token_gt is not None and callable(getattr(method, "token_scores", None)):
+            try:
+                index = token_gt.token_index
+                tok, row.token_seconds, _ = measured(lambda: method.token_scores(ctx, index))
+                t = token_lds(tok, token_gt, n_boot=n_boot)
+                row.token_lds, row.token_ci_low, row.token_ci_high = t.mean, t.ci_low, t.ci_high
+                row.excluded_tokens = t.num_excluded
+            except (ImportError, BIFError) as e:  # keep the sequence-level row
+                log.warning("%s: no token-level LDS: %s", name, e)
+        return row
     except (ImportError, ConfigError) as e:
         log.warning("%s skipped: %s", name, e)
         nan = float("nan")
@@ -235,8 +262,10 @@ def run_bench(
     options = method_options_for(setting_name, method_options)
     masks, targets = gt.masks, gt.mean_targets()
 
+    token_gt = gt if gt.has_tokens else None
+
     def run_one(name: str) -> BenchRow:
-        return run_method(name, ctx, masks, targets, options.get(name), n_boot)
+        return run_method(name, ctx, masks, targets, options.get(name), n_boot, token_gt)
 
     rows = collect_rows(methods, run_one, on_row)
     out = Path(out_dir)
@@ -247,6 +276,7 @@ def run_bench(
         "num_query": setting.num_query,
         "num_subsets": gt.num_subsets,
         "num_seeds": gt.num_seeds,
+        "num_tokens": 0 if token_gt is None else len(gt.token_index),
         "test_accuracy": setting.accuracy(model),
         "task": setting.task,
         "method_options": options,
@@ -262,14 +292,22 @@ def run_bench(
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    """A fixed-width table: method, LDS [interval], wall time, peak memory."""
-    lines = [f"{'method':<10} {'LDS':>7}  {'95% interval':<17} {'time (s)':>9} {'peak MB':>8}"]
+    """A fixed-width table: method, LDS [interval], wall time, peak memory; and, when any row
+    has one, the token-level LDS [interval] ("—" for methods without per-token scores)."""
+    tokens = any(r.token_lds == r.token_lds for r in rows)  # any non-NaN
+    head = f"{'method':<10} {'LDS':>7}  {'95% interval':<17} {'time (s)':>9} {'peak MB':>8}"
+    lines = [head + (f"  {'token LDS':>9}  {'95% interval':<17}" if tokens else "")]
     for r in rows:
         if r.error:
             lines.append(f"{r.method:<10} {'—':>7}  skipped: {r.error[:60]}")
             continue
         ci = f"[{r.ci_low:.3f}, {r.ci_high:.3f}]"
-        lines.append(f"{r.method:<10} {r.lds:7.3f}  {ci:<17} {r.seconds:9.1f} {r.peak_mb:8.0f}")
+        line = f"{r.method:<10} {r.lds:7.3f}  {ci:<17} {r.seconds:9.1f} {r.peak_mb:8.0f}"
+        if tokens and r.token_lds == r.token_lds:
+            line += f"  {r.token_lds:9.3f}  [{r.token_ci_low:.3f}, {r.token_ci_high:.3f}]"
+        elif tokens:
+            line += f"  {'—':>9}"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -21,6 +21,8 @@ Trainer = Callable[[nn.Module, Tensor, Tensor, int], nn.Module]
 BatchedTrainer = Callable[[Tensor, Tensor], tuple[nn.Module, Params]]
 # (idx [B, K], seeds [B]) -> (query outputs [B, Q], query accuracy [B])
 RetrainOutputs = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+# (idx [B, K], seeds [B], tokens [Kt, 2]) -> (outputs [B, Q], accuracy [B], token losses [B, Kt])
+RetrainTokenOutputs = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
 Data = Any  # a Tensor [N, ...], or (causal-lm) a dict of [N, S] token tensors
 
 
@@ -46,6 +48,9 @@ class Setting:
         task: the loss the model is trained on ("classification" or "causal-lm").
         retrain_outputs: ``(idx [B, K], seeds [B]) -> (outputs [B, Q], query accuracy [B])``:
             the retraining harness's path for settings without a vmapped trainer.
+        retrain_token_outputs: ``(idx [B, K], seeds [B], tokens [Kt, 2]) -> (outputs [B, Q],
+            accuracy [B], token losses [B, Kt])``: the same models, also recording the loss of
+            each sampled query token ``tokens[k] = (query, position)`` (causal-lm only).
         accuracy_fn: ``(model, split) -> accuracy`` replacing the argmax accuracy.
     """
 
@@ -64,6 +69,7 @@ class Setting:
     reference_seed: int = 0
     task: str = "classification"
     retrain_outputs: RetrainOutputs | None = None
+    retrain_token_outputs: RetrainTokenOutputs | None = None
     accuracy_fn: Callable[[nn.Module, str], float] | None = None
 
     @property

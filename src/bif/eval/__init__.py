@@ -12,6 +12,7 @@ from bif.eval.metrics import (
     lds,
     loo_correlation,
     mislabel_auc,
+    token_lds,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "rankdata",
     "roc_auc",
     "spearman",
+    "token_lds",
 ]

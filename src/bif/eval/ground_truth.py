@@ -4,13 +4,19 @@ Two files written side by side (each to a temporary name, then renamed; tensors 
 JSON never describes more than the tensors hold)::
 
     STEM.safetensors   masks [M, N] bool, targets [M, R, Q] float32 (NaN until trained),
-                       seeds [M, R] int64, done [M, R] bool, query_accuracy [M, R] float32
+                       seeds [M, R] int64, done [M, R] bool, query_accuracy [M, R] float32;
+                       optionally token_targets [M, R, K] float32 (the loss of each sampled
+                       query token) and token_index [K, 2] int64 (query, position)
     STEM.json          config (setting, recipe, α, M, R, seed, output, data hash) + provenance
                        (bif version, the command that regenerates it, wall time)
 
 The safetensors metadata carries a hash of the JSON config, so files of two runs are never
-mixed. The ground truth of each benchmark setting ships with bif under
-``bif/bench/ground_truth/`` (:func:`load_ground_truth`); :mod:`bif.eval.retrain` makes it.
+mixed; with token targets the config also pins the token sample (``tokens``: its size and a hash
+of ``token_index``), so a run asked for another sample refuses to resume. Artefacts without
+token targets (all made before them) load with ``token_targets = token_index = None``.
+
+The ground truth of each benchmark setting ships with bif under ``bif/bench/ground_truth/``
+(:func:`load_ground_truth`); :mod:`bif.eval.retrain` makes it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from bif.config import config_diff
 from bif.errors import ArtifactError
 
 TENSORS = ("masks", "targets", "seeds", "done", "query_accuracy")
+TOKEN_TENSORS = ("token_targets", "token_index")  # optional: per-token ground truth
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,9 @@ class GroundTruth:
         done: ``[M, R]`` bool, which models have been trained.
         query_accuracy: ``[M, R]`` accuracy of each retrained model on the queries.
         config: what made it (compared on resume); meta: provenance (version, command, time).
+        token_targets: ``[M, R, K]`` float32 loss of each sampled query token (NaN until
+            trained), or None (no per-token ground truth).
+        token_index: ``[K, 2]`` long ``(query, position)`` of each token column, or None.
     """
 
     masks: Tensor
@@ -54,6 +64,12 @@ class GroundTruth:
     query_accuracy: Tensor
     config: dict[str, Any]
     meta: dict[str, Any]
+    token_targets: Tensor | None = None
+    token_index: Tensor | None = None
+
+    @property
+    def has_tokens(self) -> bool:
+        return self.token_targets is not None
 
     @property
     def setting(self) -> str:
@@ -88,6 +104,16 @@ class GroundTruth:
             )
         return self.targets.mean(1)
 
+    def mean_token_targets(self) -> Tensor:
+        """Sampled query-token losses averaged over the R seeds: ``[M, K]``."""
+        if self.token_targets is None:
+            raise ArtifactError(
+                f"ground truth for {self.setting!r} has no per-token targets; regenerate it with "
+                "token targets (scripts/make_ground_truth.py ... --tokens 300)."
+            )
+        self.mean_targets()  # the completeness check
+        return self.token_targets.mean(1)
+
     def check_setting(self, setting: Setting) -> None:
         """Raise :class:`ArtifactError` unless ``setting``'s data and recipe made this artefact."""
         expected = setting_config(setting)
@@ -110,13 +136,21 @@ class GroundTruth:
             if f.metadata().get("config_sha") != _sha(doc["config"]):
                 raise ArtifactError(f"{st} and {js} belong to different runs; regenerate them.")
             tensors = {k: f.get_tensor(k) for k in TENSORS}
+            stored = set(f.keys())
+            tensors.update({k: f.get_tensor(k) for k in TOKEN_TENSORS if k in stored})
+        tokens = doc["config"].get("tokens")
+        if (tokens is None) != ("token_index" not in tensors) or (
+            tokens is not None and tokens != token_config(tensors["token_index"])
+        ):
+            raise ArtifactError(f"{st}'s token index does not match {js}'s config; regenerate.")
         return cls(**tensors, config=doc["config"], meta=doc["meta"])
 
     def save(self, stem: str | Path) -> None:
         """Write both files atomically (tensors first; the JSON never runs ahead of them)."""
         st, js = paths(stem)
         st.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: getattr(self, k).contiguous() for k in TENSORS}
+        names = TENSORS + (TOKEN_TENSORS if self.has_tokens else ())
+        tensors = {k: getattr(self, k).contiguous() for k in names}
         save_file(tensors, str(st) + ".tmp", metadata={"config_sha": _sha(self.config)})
         os.chmod(str(st) + ".tmp", 0o644)  # safetensors writes 0600; shipped files must be readable
         doc = {"config": self.config, "meta": self.meta}
@@ -131,6 +165,12 @@ def paths(stem: str | Path) -> tuple[Path, Path]:
     if stem.suffix in (".safetensors", ".json"):
         stem = stem.with_suffix("")
     return stem.parent / f"{stem.name}.safetensors", stem.parent / f"{stem.name}.json"
+
+
+def token_config(index: Tensor) -> dict[str, Any]:
+    """What pins a token sample ``[K, 2]`` in the config: its size and a hash of its values."""
+    h = hashlib.sha256(index.to("cpu").long().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return {"num": int(index.shape[0]), "index_sha": h}
 
 
 def _sha(obj: Any) -> str:

@@ -16,8 +16,8 @@ Direction of each metric, so that a good method scores high:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -30,6 +30,9 @@ from bif.eval.correlation import (
     roc_auc,
     spearman,
 )
+
+if TYPE_CHECKING:
+    from bif.eval.ground_truth import GroundTruth
 
 F64 = torch.float64
 
@@ -52,6 +55,8 @@ class LDSResult:
         num_subsets: M, subsets the targets were measured on.
         num_seeds: R, retraining seeds averaged per subset (1 when targets were ``[M, Q]``).
         confidence: level of the interval.
+        unit: what the rows are: "queries" (:func:`lds`) or "tokens" (:func:`token_lds`, where
+            ``per_query`` holds one correlation per sampled query token).
     """
 
     mean: float
@@ -62,6 +67,7 @@ class LDSResult:
     num_subsets: int
     num_seeds: int
     confidence: float
+    unit: str = "queries"
 
     @property
     def num_excluded(self) -> int:
@@ -75,7 +81,7 @@ class LDSResult:
     def __str__(self) -> str:
         s = (
             f"LDS {self.mean:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}] "
-            f"({self.num_queries} queries, M={self.num_subsets}, R={self.num_seeds})"
+            f"({self.num_queries} {self.unit}, M={self.num_subsets}, R={self.num_seeds})"
         )
         return s + (f", {self.num_excluded} constant excluded" if self.num_excluded else "")
 
@@ -171,6 +177,42 @@ def lds(
         num_seeds=num_seeds,
         confidence=confidence,
     )
+
+
+def token_lds(
+    scores: Tensor,
+    gt: GroundTruth,
+    n_boot: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> LDSResult:
+    """Token-level LDS: per sampled query token k, Spearman over the subsets S_j between
+    ``Σ_{n∈S_j} scores[k, n]`` and token k's retrained loss (mean over seeds), averaged over the
+    tokens with a bootstrap interval over tokens. It is :func:`lds` with the tokens as queries.
+
+    Args:
+        scores: ``[K, N]`` score of each training SEQUENCE on each sampled query token's loss,
+            rows in the order of ``gt.token_index`` ``[K, 2]`` (query, position).
+        gt: a complete ground truth with token targets ``[M, R, K]``.
+        n_boot, seed, confidence: as in :func:`lds`.
+
+    Returns:
+        :class:`LDSResult` with ``unit="tokens"`` (``per_query``: ``[K]`` per token).
+
+    Raises:
+        ArtifactError: ``gt`` has no token targets or is incomplete.
+        ShapeError: ``scores`` is not ``[K, N]``.
+    """
+    k = gt.mean_token_targets().shape[1]  # raises unless complete with token targets
+    if scores.dim() != 2 or scores.shape[0] != k:
+        raise ShapeError(
+            f"token scores must be [K={k}, N] (one row per sampled query token), "
+            f"got {tuple(scores.shape)}."
+        )
+    assert gt.token_targets is not None
+    # [M, R, K]: lds averages the seeds itself (float64), exactly as for the sequence LDS
+    res = lds(scores, gt.masks, gt.token_targets, n_boot=n_boot, seed=seed, confidence=confidence)
+    return replace(res, unit="tokens")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ is rewritten after each batch, so a killed run loses only the batch in flight an
 the same arguments resumes; different arguments raise :class:`~bif.errors.ArtifactError` with a
 diff. Batches are fixed slices of the (m, r) pairs in row-major order, so a resumed run trains
 exactly the batches an uninterrupted one would and gives the identical artefact.
+
+With ``tokens`` (a ``[K, 2]`` sample of query tokens,
+:func:`bif.bench.lm.setting.token_sample`) a setting with ``retrain_token_outputs`` (causal-lm)
+also records each sampled token's loss (``token_targets`` ``[M, R, K]``) for the token-level
+LDS; the sample is pinned in the config, so a rerun with another sample refuses to resume.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from bif.eval.ground_truth import (
     paths,
     setting_config,
     shipped_ground_truths,
+    token_config,
 )
 
 __all__ = [
@@ -88,6 +94,7 @@ def run_retraining(
     num_seeds: int = 3,
     seed: int = 0,
     output: str = "loss",
+    tokens: Tensor | None = None,
     models_per_batch: int = 50,
     max_batches: int | None = None,
     command: str | None = None,
@@ -101,6 +108,8 @@ def run_retraining(
         alpha: subset fraction; num_subsets: M; num_seeds: R; seed: draws subsets and seeds.
         output: "loss" (query cross-entropy; causal-lm: the query's sequence loss) or "margin"
             (true logit minus the best other).
+        tokens: ``[K, 2]`` long ``(query, position)`` of query tokens whose losses are recorded
+            too (settings with ``retrain_token_outputs`` only); None: sequence outputs only.
         models_per_batch: models trained at once (and lost at most on a kill).
         max_batches: stop after this many batches (None: until done); the artefact stays
             resumable.
@@ -118,6 +127,14 @@ def run_retraining(
         raise ConfigError(
             f"setting {setting.name!r} records the query loss only; use output='loss'."
         )
+    if tokens is not None:
+        if setting.retrain_token_outputs is None:
+            raise ConfigError(f"setting {setting.name!r} records no per-token losses.")
+        tokens = torch.as_tensor(tokens).long()
+        if tokens.dim() != 2 or tokens.shape[1] != 2 or tokens.shape[0] < 1:
+            raise ConfigError(
+                f"tokens must be [K, 2] (query, position), got {tuple(tokens.shape)}."
+            )
     for name, v in (("num_subsets", num_subsets), ("num_seeds", num_seeds),
                     ("models_per_batch", models_per_batch)):  # fmt: skip
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -131,8 +148,10 @@ def run_retraining(
         "output": output,
         "models_per_batch": models_per_batch,  # fixes the batch boundaries (exact resume)
     }
+    if tokens is not None:  # only then: configs of sequence-only runs stay as they were
+        config["tokens"] = token_config(tokens)
     config = json.loads(json.dumps(config))
-    gt = _open(path, config, setting, command)
+    gt = _open(path, config, setting, command, tokens)
     pairs = [(m, r) for m in range(num_subsets) for r in range(num_seeds)]
     bar = tqdm(total=len(pairs), initial=int(gt.done.sum()), disable=not progress,
                desc=f"retrain {setting.name}", unit="model")  # fmt: skip
@@ -146,7 +165,12 @@ def run_retraining(
         t0 = time.perf_counter()
         ms, rs = torch.tensor([p[0] for p in todo]), torch.tensor([p[1] for p in todo])
         idx = torch.stack([gt.masks[m].nonzero().squeeze(1) for m in ms.tolist()])  # [B, K]
-        if setting.retrain_outputs is not None:  # e.g. causal-lm: its own loop and output
+        if tokens is not None:
+            assert gt.token_targets is not None and setting.retrain_token_outputs is not None
+            gt.targets[ms, rs], gt.query_accuracy[ms, rs], gt.token_targets[ms, rs] = (
+                setting.retrain_token_outputs(idx, gt.seeds[ms, rs], tokens)
+            )
+        elif setting.retrain_outputs is not None:  # e.g. causal-lm: its own loop and output
             gt.targets[ms, rs], gt.query_accuracy[ms, rs] = setting.retrain_outputs(
                 idx, gt.seeds[ms, rs]
             )
@@ -166,7 +190,11 @@ def run_retraining(
 
 
 def _open(
-    path: str | Path, config: dict[str, Any], setting: Setting, command: str | None
+    path: str | Path,
+    config: dict[str, Any],
+    setting: Setting,
+    command: str | None,
+    tokens: Tensor | None = None,
 ) -> GroundTruth:
     st, js = paths(path)
     if st.is_file() and js.is_file():
@@ -200,6 +228,8 @@ def _open(
         query_accuracy=torch.full((m, r), float("nan")),
         config=config,
         meta=meta,
+        token_targets=None if tokens is None else torch.full((m, r, len(tokens)), float("nan")),
+        token_index=tokens,
     )
 
 

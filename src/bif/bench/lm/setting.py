@@ -19,7 +19,9 @@ distribution.
 Batches are :func:`bif.lm.task.encode` dicts (``input_ids``/``attention_mask``/``loss_mask``
 ``[N, S]``); ``y_*`` are placeholders (zeros ``[N]``), since the targets are the next tokens.
 The setting has no vmapped trainer: the retraining harness calls ``Setting.retrain_outputs``,
-which fine-tunes one model at a time and returns the query losses.
+which fine-tunes one model at a time and returns the query losses, or
+``Setting.retrain_token_outputs``, which also records the loss of each query token of a fixed
+sample (:func:`token_sample`) for the token-level LDS.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from bif.bench.lm.finetune import (
     finetune_passages,
 )
 from bif.bench.lm.tiny import DEFAULT_RECIPE, TinyLMRecipe, cache_key, load_tiny_lm
-from bif.bench.setting import Setting
+from bif.bench.setting import RetrainOutputs, RetrainTokenOutputs, Setting
 from bif.errors import ConfigError
 from bif.lm.task import CausalLMTask, encode
 
@@ -63,13 +65,72 @@ def take(batch: dict[str, Tensor], idx: Tensor | slice) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def query_losses(model: Any, batch: dict[str, Tensor], chunk: int = 128) -> Tensor:
-    """Sequence losses ``[B]`` (sum of next-token losses after BOS), float32."""
+def query_token_losses(model: Any, batch: dict[str, Tensor], chunk: int = 128) -> Tensor:
+    """Per-token losses ``[B, S]`` float32 (zero where no loss is attributed)."""
     task = CausalLMTask()
     n = batch["input_ids"].shape[0]
     return torch.cat(
-        [task.loss(model, take(batch, slice(s, s + chunk))) for s in range(0, n, chunk)]
+        [task.token_losses(model, take(batch, slice(s, s + chunk))) for s in range(0, n, chunk)]
     ).float()
+
+
+def query_losses(model: Any, batch: dict[str, Tensor], chunk: int = 128) -> Tensor:
+    """Sequence losses ``[B]`` (sum of next-token losses after BOS), float32."""
+    return query_token_losses(model, batch, chunk).sum(-1)
+
+
+def token_sample(setting: Setting | dict[str, Tensor], k: int = 300, seed: int = 0) -> Tensor:
+    """A fixed, seeded sample of ``k`` query tokens that carry a loss: ``[k, 2]`` long
+    ``(query index, position)``, sorted (query, then position); the token-level LDS's rows.
+
+    Args:
+        setting: a causal-lm setting (its ``x_query``) or an encoded query batch itself.
+        k: tokens to draw (without replacement) from every attributed query position.
+        seed: seed of the draw; the same ``(queries, k, seed)`` always give the same sample.
+
+    Raises:
+        ConfigError: ``k`` is not a positive integer or exceeds the attributed tokens.
+    """
+    batch = setting if isinstance(setting, dict) else setting.x_query
+    pool = CausalLMTask().token_mask(batch).nonzero()  # [T, 2], row-major order
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= len(pool):
+        raise ConfigError(
+            f"k must be an integer in [1, {len(pool)}] (attributed tokens), got {k!r}."
+        )
+    chosen = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:k]
+    return pool[chosen.sort().values].long()
+
+
+def lm_retrainers(
+    build_model: Any, train: Any, x_train: dict[str, Tensor], x_query: dict[str, Tensor]
+) -> tuple[RetrainOutputs, RetrainTokenOutputs]:
+    """The :class:`Setting` hooks ``retrain_outputs`` and ``retrain_token_outputs`` of a causal
+    LM: fine-tune one model per row of ``idx`` (``train(build_model(seed), rows, _, seed)``),
+    then one forward pass over the queries gives the sequence losses ``[B, Q]`` (sums of the
+    per-token losses), the next-token accuracy ``[B]`` and the sampled token losses ``[B, Kt]``.
+    """
+
+    def fit(idx: Tensor, seeds: Tensor, tokens: Tensor | None) -> list[tuple[Tensor, ...]]:
+        out = []
+        for rows, seed in zip(idx, seeds.tolist(), strict=True):
+            model = train(build_model(seed), take(x_train, rows), torch.empty(0), seed)
+            per_token = query_token_losses(model, x_query)  # [Q, S]
+            acc = torch.tensor(token_accuracy(model, x_query))
+            tok = per_token[tokens[:, 0], tokens[:, 1]] if tokens is not None else acc
+            out.append((per_token.sum(-1), acc, tok))
+        return out
+
+    def retrain_outputs(idx: Tensor, seeds: Tensor) -> tuple[Tensor, Tensor]:
+        seq, acc, _ = zip(*fit(idx, seeds, None), strict=True)
+        return torch.stack(seq), torch.stack(acc)
+
+    def retrain_token_outputs(
+        idx: Tensor, seeds: Tensor, tokens: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        seq, acc, tok = zip(*fit(idx, seeds, tokens), strict=True)
+        return torch.stack(seq), torch.stack(acc), torch.stack(tok)
+
+    return retrain_outputs, retrain_token_outputs
 
 
 @torch.no_grad()
@@ -172,13 +233,7 @@ def shakespeare(
         del y
         return finetune(model, sequences(x), finetune_recipe, seed=int(seed))
 
-    def retrain_outputs(idx: Tensor, seeds: Tensor) -> tuple[Tensor, Tensor]:
-        targets, acc = [], []
-        for rows, seed in zip(idx, seeds.tolist(), strict=True):
-            model = train(build_model(0), take(x_train, rows), torch.empty(0), seed)
-            targets.append(query_losses(model, x_query))
-            acc.append(token_accuracy(model, x_query))
-        return torch.stack(targets), torch.tensor(acc)
+    retrain_outputs, retrain_token_outputs = lm_retrainers(build_model, train, x_train, x_query)
 
     def accuracy(model: Any, split: str) -> float:
         batch = {"train": x_train, "query": x_query, "test": x_test}[split]
@@ -203,5 +258,6 @@ def shakespeare(
         reference_seed=REFERENCE_SEED,
         task="causal-lm",
         retrain_outputs=retrain_outputs,
+        retrain_token_outputs=retrain_token_outputs,
         accuracy_fn=accuracy,
     )
