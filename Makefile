@@ -30,6 +30,16 @@ browser:
 bench-large: $(STAMP)
 	$(PY) -m bif.bench.large --threads 2 --out bif-bench/large
 
+# Memory of the Kronecker mass of a random 134 M-parameter Llama against its formula (and at 1 B).
+.PHONY: bench-kronecker
+bench-kronecker: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m bif.bench.kronecker_memory --out bif-bench/kronecker-memory.json
+
+# The damped-influence-function ceiling of the shakespeare setting (H and Gauss-Newton, ~51 min).
+.PHONY: bench-ceiling
+bench-ceiling: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m bif.bench.ceiling --setting shakespeare --threads 1 --out bif-bench/ceiling.json
+
 demo: $(STAMP)
 	$(VENV)/bin/bif demo --out bif-demo
 
