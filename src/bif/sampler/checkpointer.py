@@ -32,7 +32,7 @@ class Resume:
 
     done_groups: list[int] = field(default_factory=list)
     active: dict[str, Any] | None = None  # {"group": g, "step": t} of an unfinished group
-    stop: dict[str, Any] | None = None  # num_draws='auto': the stop it recorded
+    stop: dict[str, Any] | None = None  # num_draws='auto': the stop it recorded (read only)
     seconds: float = 0.0  # sampling time before the resume
     saved: dict[str, Tensor] = field(default_factory=dict)
 
@@ -108,11 +108,13 @@ class Checkpointer:
         rec: Recorder,
         resume: Resume,
         seconds: float,
+        stop: dict[str, Any] | None,
         active: dict[str, Any] | None = None,
         state: Any = None,
         rng: ChainRandom | None = None,
     ) -> None:
-        """Write ``rec``'s rows with ``resume``'s bookkeeping; with ``active``, also the
+        """Write ``rec``'s rows with ``resume``'s finished groups and ``stop`` (the adaptive
+        stop so far, or None); with ``active``, also the
         active group's sampler ``state`` and generators (resumed at ``active["step"]``)."""
         self.last = time.monotonic()
         if self.run_dir is None or not self.writer:
@@ -127,7 +129,7 @@ class Checkpointer:
             "identity": self.identity,
             "done_groups": resume.done_groups,
             "active": active,
-            "stop": resume.stop,
+            "stop": stop,
             "seconds": seconds,
         }
         checkpoint.save(self.run_dir, {**rec.state(self.rows), **extra}, meta, self.name)

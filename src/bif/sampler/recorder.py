@@ -109,7 +109,6 @@ class Recorder:
 
     def draw(
         self,
-        idx: Tensor,
         chains: list[int],
         d: int,
         a: Tensor,
@@ -117,21 +116,20 @@ class Recorder:
         energy: Tensor,
         tokens: tuple[Tensor, Tensor] | None = None,
     ) -> None:
-        """Add draw ``d`` of ``chains`` (``idx``: the same as a long tensor on the device).
+        """Add draw ``d`` of ``chains`` (a contiguous block).
 
         Args:
             a: train losses ``[G, N]``; b: query observables ``[G, Q]``;
             energy: ``[G]``; tokens: per-token train ``[G, Kn]`` and query ``[G, Kq]`` losses.
         """
         # A group is a contiguous block of chains: slices update the statistics in place.
-        contiguous = chains == list(range(chains[0], chains[0] + len(chains)))
-        rows = slice(chains[0], chains[0] + len(chains)) if contiguous else idx
+        rows = _rows(chains)
         update_moments(self._moments, rows, a, b, inplace=True, comoment=not self._derive)
         self._stale = self._derive
         if self.blocks is not None:
             update_blocks(self.blocks, rows, d, a, b)
         host = (a[:, self._train_index], energy.detach(), a.mean(1), b)
-        self._host(_rows(chains), d, host)
+        self._host(rows, d, host)
         self.last_draw = d
         if tokens is not None:
             assert self.token_store is not None

@@ -196,8 +196,7 @@ def run_chains(
             _sample_group(state, t0, chains, work, rng, posterior, mass, guard, keeper, cfg)
             keeper.sync()  # a divergence anywhere in the group raises before it is saved
             resume.done_groups.append(gi)
-            resume.stop = stopper.stop
-            ckpt.save(rec, resume, clock())
+            ckpt.save(rec, resume, clock(), stopper.stop)
     except BaseException as e:
         # Chain-parallel ranks meet only at check points, so a failing one can tell the others.
         # (Data-parallel ones meet at every step's all-reduce: there the launcher ends them.)
@@ -282,7 +281,6 @@ class Keeper:
         self.posterior, self.energy_star, self.guard, self.rec = posterior, energy_star, guard, rec
         self.ckpt, self.resume, self.stopper, self.clock = ckpt, resume, stopper, clock
         self.bar, self.cfg = bar, cfg
-        self.idx = torch.tensor(chains, device=work.fmodel.device)
 
     def step(self, t: int, loss: Tensor) -> None:
         """After sampler step ``t`` (its minibatch loss ``[G]``)."""
@@ -305,16 +303,17 @@ class Keeper:
         energy = self.posterior.potential(state.params, a.double().mean(1)) - self.energy_star
         self.guard.draw(a, b, energy, info.step)
         toks = (info.train_tokens, b_tok) if info.train_tokens is not None else None
-        self.rec.draw(self.idx, self.chains, d, a, b, energy, toks)  # type: ignore[arg-type]
+        self.rec.draw(self.chains, d, a, b, energy, toks)  # type: ignore[arg-type]
         if self.guard.every == 1 and d % 10 == 0:
             self.bar.set_postfix(loss=f"{float(a.mean()):.4g}")
         if self.stopper.after(d, self.rec, self.clock(), self.sync):
             return True
         if self.ckpt.due(d):
             self.sync()
-            self.resume.stop = self.stopper.stop
             active = {"group": self.group, "step": info.resume_at}
-            self.ckpt.save(self.rec, self.resume, self.clock(), active, state, self.rng)
+            self.ckpt.save(
+                self.rec, self.resume, self.clock(), self.stopper.stop, active, state, self.rng
+            )  # fmt: skip
         return False
 
 
