@@ -117,6 +117,23 @@ def test_step_with_mass_is_unit_mass_step_in_scaled_coordinates() -> None:
     assert set(unflatten(flatten(like), like)) == {"w"}
 
 
+def test_flatten_of_flat_views_is_free() -> None:
+    """``flatten`` of :func:`unflatten`'s views returns the flat tensor itself (no copy); of
+    anything else, a copy with the same values."""
+    like = {"a": torch.zeros(3, 2, 4), "b": torch.zeros(3, 5), "c": torch.zeros(3)}
+    x = torch.randn(7, 14)
+    for flat in (x[:3], x[4:]):
+        views = unflatten(flat, like)
+        assert flatten(views).data_ptr() == flat.data_ptr() and torch.equal(flatten(views), flat)
+        copied = {k: v.clone() for k, v in views.items()}
+        assert flatten(copied).data_ptr() != flat.data_ptr()
+        assert torch.equal(flatten(copied), flat)
+        swapped = {"b": views["b"], "a": views["a"], "c": views["c"]}
+        assert flatten(swapped).data_ptr() != flat.data_ptr()
+    wide = torch.randn(3, 20)
+    assert torch.equal(flatten(unflatten(wide[:, :14], like)), wide[:, :14])
+
+
 def test_auto_rules_in_the_mass_frame() -> None:
     """h = 1/sqrt(top eigenvalue of M^-½ A M^-½) from the exact Hessian, friction 2, and the
     mass built from the top-k eigenpairs of the exact Hessian."""

@@ -100,11 +100,43 @@ def group_matmul(x: Tensor, m: Tensor, rows: int = 0) -> Tensor:
 
 
 def flatten(params: Params, chain_dim: bool = True) -> Tensor:
-    """Parameter dict -> ``[G, P]`` (or ``[P]`` without the leading chain dim), in key order."""
+    """Parameter dict -> ``[G, P]`` (or ``[P]`` without the leading chain dim), in key order.
+
+    When the tensors are already the in-order views of one flat tensor (what :func:`unflatten`
+    returns, which the kinetic sampler's states and the per-chain noise are), that tensor is
+    returned without a copy, instead of a copy of every state and noise tensor per step. The
+    result may alias ``params``: read it, never write into it."""
+    base = _flat_base(params, chain_dim)
+    if base is not None:
+        return base
     if chain_dim:
         g = next(iter(params.values())).shape[0]
         return torch.cat([v.reshape(g, -1) for v in params.values()], dim=1)
     return torch.cat([v.reshape(-1) for v in params.values()])
+
+
+def _flat_base(params: Params, chain_dim: bool) -> Tensor | None:
+    """The flat ``[G, P]`` (``[P]``) tensor whose in-order views ``params`` are, else None."""
+    vs = list(params.values())
+    if not vs or (chain_dim and vs[0].dim() == 0):
+        return None
+    ref = vs[0]
+    g = ref.shape[0] if chain_dim else None
+    rows = [v[0] if g is not None else v for v in vs]  # one chain's part of each tensor
+    total = sum(r.numel() for r in rows)
+    ptr, i = ref.untyped_storage().data_ptr(), ref.storage_offset()
+    for v, r in zip(vs, rows, strict=True):
+        same = v.dtype == ref.dtype and v.device == ref.device
+        if not same or v.untyped_storage().data_ptr() != ptr or v.storage_offset() != i:
+            return None
+        if not r.is_contiguous():
+            return None
+        if g is not None and (v.shape[0] != g or (g > 1 and v.stride(0) != total)):
+            return None
+        i += r.numel()
+    # The last view reaches the end of row G-1, so the flat tensor lies inside the storage.
+    shape, stride = ((g, total), (total, 1)) if g is not None else ((total,), (1,))
+    return ref.as_strided(shape, stride, ref.storage_offset())
 
 
 def unflatten(x: Tensor, like: Params) -> Params:

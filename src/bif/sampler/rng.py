@@ -39,12 +39,9 @@ class ChainRandom:
             }
         sizes = [v[0].numel() for v in params.values()]
         total = sum(sizes)
-        flat = torch.stack(
-            [
-                torch.randn(total, generator=g, device=ref.device, dtype=ref.dtype)
-                for g in self.noise
-            ]
-        )  # [G, P]
+        flat = torch.empty(len(self.noise), total, device=ref.device, dtype=ref.dtype)  # [G, P]
+        for row, g in zip(flat, self.noise, strict=True):
+            torch.randn(total, generator=g, device=ref.device, dtype=ref.dtype, out=row)
         out, i = {}, 0
         for (k, v), n in zip(params.items(), sizes, strict=True):
             out[k] = flat[:, i : i + n].view(v.shape)
