@@ -174,6 +174,7 @@ def test_cli_default_methods_and_bif_flags(reduced: str, monkeypatch, tmp_path, 
                                          "thin": 1}  # fmt: skip
 
 
+@pytest.mark.slow  # ~60 s (two full mislabel CLI runs); `make test-slow`
 def test_cli_if_damping_reaches_the_influence_functions(reduced: str, tmp_path, capsys) -> None:
     argv = ["bench", reduced, "--mislabel", "--methods", "if-exact", "--if-damping", "0.05",
             "--n-boot", "50", "--out", str(tmp_path)]  # fmt: skip
