@@ -13,7 +13,15 @@ import torch
 
 import bif
 from bif import demo
-from bif.diagnostics import RHAT_WARN_MAX, DiagnosticWarning, diagnose, drift, ess, rhat
+from bif.diagnostics import (
+    RHAT_WARN_MAX,
+    DiagnosticWarning,
+    diagnose,
+    drift,
+    ess,
+    rhat,
+    robust_location_scale,
+)
 from bif.estimator import estimate, init_moments, update_moments
 from bif.mcse import batch_variance, init_blocks, update_blocks
 
@@ -238,12 +246,10 @@ def test_a_step_past_the_stability_limit_stops_with_divergence_error(problem, he
 
 def _spiked(energy: torch.Tensor, chain: int, draw: int, robust_sds: float) -> torch.Tensor:
     """``energy`` with one draw of one chain lifted ``robust_sds`` robust standard deviations
-    (1.4826·MAD, the normal-consistent scale the detector uses) above the chain's median."""
+    (the detector's own scale) above the chain's median."""
     e = energy.clone().double()
-    x = e[chain].numpy()
-    med = float(np.median(x))
-    sd = 1.4826 * float(np.median(np.abs(x - med)))
-    e[chain, draw] = med + robust_sds * sd
+    med, sd = robust_location_scale(e.numpy())
+    e[chain, draw] = float(med[chain, 0] + robust_sds * sd[chain, 0])
     return e
 
 

@@ -66,6 +66,13 @@ ENERGY_SPIKE = 8.0
 TOKEN_SAMPLE = 64
 
 
+def robust_location_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-chain median and normal-consistent robust scale (1.4826·MAD) of ``[C, D]`` draws;
+    both ``[C, 1]``. The energy-spike check measures excursions in these units."""
+    med = np.median(x, axis=1, keepdims=True)
+    return med, 1.4826 * np.median(np.abs(x - med), axis=1, keepdims=True)
+
+
 def energy_spike_limit(num_params: int, num_draws: int) -> float:
     """The spike threshold in robust standard deviations: :data:`ENERGY_SPIKE`, or for few
     parameters the largest of ``num_draws`` healthy draws, whichever is higher.
@@ -396,8 +403,7 @@ def diagnose(
         e = _finite_draws(_np(energy))
         if e.size:
             ratio = e[:, e.shape[1] // 2 :].mean(1) / (num_params / 2)
-            med = np.median(e, axis=1, keepdims=True)
-            mad = 1.4826 * np.median(np.abs(e - med), axis=1, keepdims=True)
+            med, mad = robust_location_scale(e)
             spike = np.where(mad[:, 0] > 0, ((e - med) / np.where(mad > 0, mad, 1)).max(1), 0.0)
             spike_limit = energy_spike_limit(num_params, e.size)
             en = {
